@@ -1,0 +1,54 @@
+# DPO from scratch, stage by stage. `make help` lists the targets; each is the command you would type yourself.
+# Stages skip work already done (their output file exists); delete a run directory to redo it.
+
+MODEL   ?= gpt2#                     gpt2 | gpt2-medium | gpt2-large | gpt2-xl
+NGPU    ?= 1#                        >1 runs training under torchrun (DistributedDataParallel)
+RUN_DIR ?= runs/$(MODEL)#            where checkpoints, samples, judgments and figures go
+TORCH   ?= torch==2.13.0#            the torch build to install, e.g. TORCH="torch --index-url https://download.pytorch.org/whl/cu124"
+N_EVAL  ?= 0#                        evaluation prompts per temperature (0 = every single-turn test prompt)
+DEMO    ?= runs/demo#                where `make demo` writes
+
+PY     := .venv/bin/python
+LAUNCH := $(if $(filter-out 1,$(NGPU)),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NGPU),$(PY))
+
+.PHONY: help setup test demo data sft dpo eval figures all bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+setup: ## create .venv with torch ($(TORCH)) and the project + test tools (~2 min)
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[test]"
+
+test: ## run the test suite on CPU (~5 min on 2 cores)
+	$(PY) -m pytest -q tests
+
+demo: ## the whole pipeline offline on a CPU: tiny GPT, synthetic task, ground-truth judge (~10 min)
+	$(PY) demo_placeholder
+
+data: ## download Anthropic HH-RLHF (~40 MB) and tokenize it
+	$(PY) data.py --dataset=hh
+
+sft: $(RUN_DIR)/sft/final/model.safetensors ## supervised fine-tuning on the chosen responses (gpt2: ~1 h on one A100, an estimate)
+$(RUN_DIR)/sft/final/model.safetensors:
+	$(LAUNCH) sft.py --model=$(MODEL) --out=$(RUN_DIR)/sft
+
+dpo: $(RUN_DIR)/dpo/final/model.safetensors ## DPO from the SFT checkpoint (gpt2: ~1.5 h on one A100, an estimate)
+$(RUN_DIR)/dpo/final/model.safetensors: $(RUN_DIR)/sft/final/model.safetensors
+	$(LAUNCH) dpo.py --model=$(RUN_DIR)/sft/final --out=$(RUN_DIR)/dpo
+
+eval: ## sample at 4 temperatures, judge with gpt-4o-mini vs the chosen response (needs OPENAI_API_KEY)
+	$(PY) judge.py --models=base:$(MODEL),sft:$(RUN_DIR)/sft/final,dpo:$(RUN_DIR)/dpo/final --dpo_steps=$(RUN_DIR)/dpo --n=$(N_EVAL) --out=$(RUN_DIR)/eval
+
+figures: ## Figure 3 (win rate vs temperature, vs DPO step, vs model size), training curves, results.md
+	$(PY) plot.py --out=$(RUN_DIR)/eval --runs=$(RUN_DIR)/sft,$(RUN_DIR)/dpo
+
+all: sft dpo eval figures ## the full GPU replication for MODEL, stage by stage
+
+bench: ## speed: ours vs transformers, fused vs unfused DPO, MFU against the measured matmul peak
+	$(PY) bench.py
+
+clean: ## delete all runs (checkpoints, samples, judgments); the download cache stays
+	rm -rf runs

@@ -1,0 +1,261 @@
+"""model.py against independent references: transformers' GPT-2, the safetensors package, a loopback hub."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import model
+from model import GPT, GPTConfig
+
+SMALL = GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=97, block_size=64)
+
+
+def hf_gpt2(config: GPTConfig, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
+                     vocab_size=config.vocab_size, n_positions=config.block_size)
+    hf = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # non-zero biases and LayerNorm affine terms, so a dropped or misplaced one shows
+        for name, p in hf.named_parameters():
+            if name.endswith("bias") or "ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return hf
+
+
+@pytest.mark.parametrize("layout", ["transformers", "hub"])
+def test_logits_match_transformers(tmp_path, layout):
+    """Catches any error in the weight map (a missed Conv1D transpose, a wrong key, untied head), in the
+    attention (scaling, causal mask), GELU variant, LayerNorm eps, and in left-padding positions/masks."""
+    hf = hf_gpt2(SMALL)
+    if layout == "transformers":  # "transformer."-prefixed keys, as save_pretrained writes them
+        hf.save_pretrained(tmp_path)
+    else:  # the hub files: bare keys, plus the causal-mask buffers old checkpoints carry
+        sd = {k.removeprefix("transformer."): v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+        for i in range(SMALL.n_layer):
+            sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+        save_file(sd, tmp_path / "model.safetensors")
+        cfg = {"n_layer": 2, "n_head": 4, "n_embd": 64, "vocab_size": 97, "n_positions": 64}
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ours = model.load_model(str(tmp_path)).eval()
+
+    # a batch of several lengths, left-padded, with the mask and positions transformers needs to match
+    lengths = [17, 5, 11]
+    T = max(lengths)
+    idx = torch.randint(0, 97, (3, T))
+    mask = torch.zeros(3, T, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        mask[i, T - n :] = True
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = hf(idx, attention_mask=mask.long(), position_ids=position_ids).logits
+        got = ours(idx, attention_mask=mask)
+        full_ref = hf(idx).logits
+        full_got = ours(idx)
+    diff = (got - ref)[mask].abs().max().item()  # padding positions are don't-cares
+    assert diff <= 1e-4, f"padded batch: max abs diff {diff}"
+    diff = (full_got - full_ref).abs().max().item()
+    assert diff <= 1e-4, f"unpadded: max abs diff {diff}"
+
+
+def test_our_checkpoint_loads_in_transformers(tmp_path):
+    """Our checkpoints are written in the hub layout; catches a transpose missing on the way out."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    ours = GPT(SMALL).eval()
+    model.save_model(ours, tmp_path / "ckpt", meta={"step": 3})
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=97, n_positions=64)).eval()
+    missing, unexpected = hf.transformer.load_state_dict(load_file(tmp_path / "ckpt" / "model.safetensors"), strict=False)
+    assert not unexpected and all(k.endswith("attn.bias") for k in missing), (missing, unexpected)
+    idx = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        diff = (ours(idx) - hf(idx).logits).abs().max().item()
+    assert diff <= 1e-4, diff
+    again = model.load_model(str(tmp_path / "ckpt"))
+    assert again.config == SMALL
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["meta"] == {"step": 3}
+
+
+def test_preset_parameter_counts():
+    """Catches a preset with the wrong shape, or an untied lm_head counted twice."""
+    expected = {"gpt2": 124.44e6, "gpt2-medium": 354.82e6, "gpt2-large": 774.03e6, "gpt2-xl": 1557.61e6}
+    for name, count in expected.items():
+        with torch.device("meta"):
+            n = GPT(model.PRESETS[name]).num_params()
+        assert abs(n - count) / count < 1e-3, f"{name}: {n / 1e6:.2f}M parameters, expected {count / 1e6:.2f}M"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_safetensors_interop(tmp_path, dtype):
+    """Our reader and writer against the reference package, byte-exact, for each float width."""
+    tensors = {"a.weight": torch.randn(3, 5).to(dtype), "b": torch.randn(7).to(dtype), "c": torch.randn(2, 2, 2).to(dtype)}
+    model.write_safetensors(tmp_path / "ours.safetensors", tensors, {"format": "pt"})
+    theirs = load_file(tmp_path / "ours.safetensors")
+    save_file(tensors, tmp_path / "theirs.safetensors", metadata={"format": "pt"})
+    ours, meta = model.read_safetensors(tmp_path / "theirs.safetensors")
+    assert meta == {"format": "pt"}
+    for name, t in tensors.items():
+        for got in (theirs[name], ours[name]):
+            assert got.dtype == dtype and got.shape == t.shape
+            assert got.view(torch.uint8).numpy().tobytes() == t.view(torch.uint8).numpy().tobytes(), name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Downloads against a loopback server (tests/conftest.py: file_server)
+
+
+def test_download_resumes_after_cut(file_server, tmp_path, capsys):
+    """The connection drops halfway: the second try must ask for the rest with Range and produce the exact file."""
+    blob = bytes(range(256)) * 4000  # ~1 MB
+    file_server.files["/f.bin"] = blob
+    file_server.cut_once.add("/f.bin")
+    dest = tmp_path / "f.bin"
+    model.download(file_server.url + "/f.bin", dest)
+    assert dest.read_bytes() == blob
+    assert not (tmp_path / "f.bin.part").exists()
+    assert file_server.requests[0] == ("/f.bin", None)
+    assert file_server.requests[1][1].startswith("bytes=") and int(file_server.requests[1][1][6:-1]) > 0
+    assert "MiB" in capsys.readouterr().err  # progress was shown
+
+
+def test_download_never_leaves_partial_file_under_final_name(file_server, tmp_path):
+    """Every try is cut: the final name must not exist (a later run would trust a partial file)."""
+    file_server.files["/g.bin"] = b"x" * 100_000
+
+    class AlwaysCut(set):
+        def __contains__(self, item):
+            return True
+
+        def discard(self, item):
+            pass
+
+    file_server.cut_once = AlwaysCut()
+    with pytest.raises(model.DownloadError, match="cannot download"):
+        model.download(file_server.url + "/g.bin", tmp_path / "g.bin", retries=2)
+    assert not (tmp_path / "g.bin").exists()
+
+
+def test_download_checks_sha256(file_server, tmp_path):
+    file_server.files["/h.bin"] = b"hello"
+    with pytest.raises(model.DownloadError, match="sha256 mismatch"):
+        model.download(file_server.url + "/h.bin", tmp_path / "h.bin", sha256="0" * 64)
+    assert not (tmp_path / "h.bin").exists()
+
+
+def test_from_pretrained_via_hub_and_errors(file_server, tmp_path, monkeypatch):
+    """A preset name goes to {HF_ENDPOINT}/openai-community/<name>/resolve/main/model.safetensors; 404 and an
+    unreachable host give errors that name the URL and what to do."""
+    monkeypatch.setitem(model.PRESETS, "gpt2", SMALL)  # same protocol, a small file
+    hf_gpt2(SMALL).save_pretrained(tmp_path / "hf")
+    file_server.files["/openai-community/gpt2/resolve/main/model.safetensors"] = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    m = model.load_model("gpt2")
+    assert m.config == SMALL
+    with pytest.raises(model.DownloadError, match="no such file.*gpt2-medium.*404"):
+        model.load_model("gpt2-medium")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    with pytest.raises(model.DownloadError, match="HF_ENDPOINT.*local file"):
+        model.load_model("gpt2-large")
+
+
+def test_load_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model at"):
+        model.load_model(str(tmp_path / "nope"))
+    save_file({"wte.weight": torch.zeros(97, 64), "wpe.weight": torch.zeros(64, 64)}, tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="match no GPT-2 preset"):
+        model.load_model(str(tmp_path / "x.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def greedy_without_cache(m: GPT, prompt: list[int], n: int) -> list[int]:
+    """The naive reference: re-run the whole sequence for every token."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(m(torch.tensor([seq]))[0, -1].argmax().item())
+    return seq[len(prompt) :]
+
+
+def test_generate_cache_and_batching_match_naive():
+    """Catches KV-cache indexing errors, wrong positions or masks under left padding."""
+    torch.manual_seed(0)
+    m = GPT(SMALL).eval()
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    batched = m.generate(prompts, 12, temperature=0, eos_id=-1)
+    for p, got in zip(prompts, batched):
+        assert got == m.generate([p], 12, temperature=0, eos_id=-1)[0]
+        assert got == greedy_without_cache(m, p, 12)
+
+
+def test_generate_stops_at_eos_and_stop_strings():
+    """Rows end independently; the stop string and anything after it are not returned."""
+    enc = model.get_tokenizer()
+    torch.manual_seed(0)
+    m = GPT(dataclasses.replace(SMALL, vocab_size=50257)).eval()
+    # A scripted forward replaces the network: row 0 says " fine." then starts a new Human turn, row 1 says
+    # " ok" then EOT. Generation must cut row 0 before the stop string and row 1 at EOT.
+    scripts = [enc.encode(" fine.\n\nHuman: more"), [enc.encode(" ok")[0], model.EOT]]
+
+    def scripted(idx, attention_mask=None, cache=None, last_only=False):
+        step = cache.pos - prompt_len + 1 if cache.pos else 0  # index of the token this call predicts
+        cache.pos += idx.shape[1]
+        logits = torch.full((idx.shape[0], 1, 50257), -1e9)
+        for i, s in enumerate(scripts):
+            logits[i, 0, s[min(step, len(s) - 1)]] = 0
+        return logits
+
+    prompt_len = 3
+    m.forward = scripted
+    out = m.generate([[1, 2, 3], [4, 5, 6]], 10, temperature=0, stop=("\n\nHuman:",), decode=enc.decode)
+    assert enc.decode(out[0]) == " fine."
+    assert enc.decode(out[1]) == " ok"
+
+
+def test_generate_seeded_sampling_is_reproducible():
+    torch.manual_seed(0)
+    m = GPT(SMALL).eval()
+    run = lambda seed: m.generate([[1, 2], [3]], 10, temperature=1.0, top_k=20, top_p=0.9, eos_id=-1,  # noqa: E731
+                                  generator=torch.Generator().manual_seed(seed))
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_top_k_and_top_p_filter_the_right_tokens():
+    """Catches an off-by-one in the nucleus: with probs (0.5, 0.3, 0.15, 0.05) and top_p=0.75 only the
+    first two tokens may appear; with top_k=1 only the first."""
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    seen = set(model.sample_next(logits, 1.0, None, 0.75, g).tolist())
+    assert seen == {0, 1}, seen
+    assert set(model.sample_next(logits, 1.0, 1, None, g).tolist()) == {0}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclasses.dataclass
+class _Demo:
+    lr: float = 1e-6  # learning rate
+    flag: bool = False  # a switch
+    temps: tuple[float, ...] = (0.25, 1.0)  # several values
+    name: str = "x"  # text
+
+
+def test_parse_settings(capsys):
+    s = model.parse_settings(_Demo, ["--lr=3e-4", "--flag=true", "--temps=0.5,0.75", "--name=a=b"])
+    assert (s.lr, s.flag, s.temps, s.name) == (3e-4, True, (0.5, 0.75), "a=b")
+    with pytest.raises(SystemExit, match="did you mean --flag"):
+        model.parse_settings(_Demo, ["--flagg=1"])
+    with pytest.raises(SystemExit, match="true/false"):
+        model.parse_settings(_Demo, ["--flag=yes"])
+    with pytest.raises(SystemExit):
+        model.parse_settings(_Demo, ["--help"])
+    assert "learning rate" in capsys.readouterr().out
