@@ -47,7 +47,7 @@ import torch.nn.functional as F
 def _field_comments(cls) -> dict[str, str]:
     """The `# comment` after each field in the dataclass's source: the --help text, written once."""
     comments = {}
-    for line in inspect.getsource(cls).splitlines():
+    for line in "".join(inspect.getsource(c) for c in reversed(cls.__mro__[:-1])).splitlines():
         m = re.match(r"\s*(\w+)\s*:.*?#\s*(.*)$", line)
         if m:
             comments[m.group(1)] = m.group(2)
@@ -269,7 +269,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         f.write(struct.pack("<Q", len(raw)) + raw)
         for name in sorted(tensors):
             t = tensors[name].detach().cpu().contiguous()
-            f.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -390,8 +390,10 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied lm_head counted once; wpe included, as HF does
 
-    def forward(self, idx, attention_mask=None, cache: KVCache | None = None, last_only: bool = False):
-        """idx (B, T) token ids -> logits (B, T, V), or (B, 1, V) with last_only.
+    def forward(self, idx, attention_mask=None, cache: KVCache | None = None, select=None):
+        """idx (B, T) token ids -> logits (B, T, V) for every position, or (N, V) for the N positions where the
+        bool mask `select` (B, T) is True: the vocabulary projection is the largest matmul of a small GPT-2
+        (and its (B, T, 50257) output the largest tensor), so training computes it only where a loss needs it.
 
         Training passes only idx (right-padded batches need no mask: causal attention never looks right).
         Generation passes attention_mask (B, S), True at real tokens of the left-padded rows over all S
@@ -420,8 +422,8 @@ class GPT(nn.Module):
                 x = block(x, mask, kv)
         if cache is not None:
             cache.pos += T
-        x = self.ln_f(x[:, -1:] if last_only else x)
-        return self.lm_head(x)  # (B, T, V)
+        x = self.ln_f(x if select is None else x[select])  # (B, T, C) or (N, C)
+        return self.lm_head(x)  # (B, T, V) or (N, V)
 
     # ------------------------------------------------------------------------------------------------------------
     # 6. Generation
@@ -454,7 +456,9 @@ class GPT(nn.Module):
             mask[i, P - len(p) : P] = True
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.wte.weight.dtype
         cache = KVCache.empty(self.config, B, P + max_new_tokens, device, dtype)
-        logits = self(idx, attention_mask=mask[:, :P], cache=cache, last_only=True)[:, -1]  # prefill: (B, V)
+        last = torch.zeros((B, P), dtype=torch.bool, device=device)
+        last[:, -1] = True  # only the last position's logits are needed
+        logits = self(idx, attention_mask=mask[:, :P], cache=cache, select=last)  # prefill: (B, V)
         out, done = [[] for _ in range(B)], [False] * B
         for t in range(max_new_tokens):
             nxt = sample_next(logits.float(), temperature, top_k, top_p, generator)  # (B,)
@@ -472,7 +476,7 @@ class GPT(nn.Module):
             if all(done) or t == max_new_tokens - 1:
                 break
             mask[:, P + t] = True
-            logits = self(nxt[:, None], attention_mask=mask[:, : P + t + 1], cache=cache, last_only=True)[:, -1]
+            logits = self(nxt[:, None], attention_mask=mask[:, : P + t + 1], cache=cache, select=last[:, -1:])
         return out
 
 

@@ -203,12 +203,12 @@ def test_generate_stops_at_eos_and_stop_strings():
     # " ok" then EOT. Generation must cut row 0 before the stop string and row 1 at EOT.
     scripts = [enc.encode(" fine.\n\nHuman: more"), [enc.encode(" ok")[0], model.EOT]]
 
-    def scripted(idx, attention_mask=None, cache=None, last_only=False):
+    def scripted(idx, attention_mask=None, cache=None, select=None):
         step = cache.pos - prompt_len + 1 if cache.pos else 0  # index of the token this call predicts
         cache.pos += idx.shape[1]
-        logits = torch.full((idx.shape[0], 1, 50257), -1e9)
+        logits = torch.full((idx.shape[0], 50257), -1e9)
         for i, s in enumerate(scripts):
-            logits[i, 0, s[min(step, len(s) - 1)]] = 0
+            logits[i, s[min(step, len(s) - 1)]] = 0
         return logits
 
     prompt_len = 3

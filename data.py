@@ -1,0 +1,469 @@
+"""Preference data for DPO: Anthropic HH-RLHF (or an offline synthetic task), parsed, tokenized and batched.
+
+    python data.py --dataset=synthetic       # or --dataset=hh, --dataset=hh:helpful-base: summary + one decoded batch
+
+DPO (Rafailov et al., arXiv 2305.18290) learns from pairs (x, y_w, y_l): a prompt, a preferred ("chosen") and a
+dispreferred ("rejected") response. The paper's dialogue experiment (Sec. 6) uses Anthropic's HH-RLHF (Bai et al.,
+arXiv 2204.05862). One raw line of `helpful-base/train.jsonl.gz`, abridged:
+
+    {"chosen":   "\\n\\nHuman: What kind of noises did dinosaurs make?\\n\\nAssistant: Humans and dinosaurs didn't
+                  live at the same time, [...]\\n\\nHuman: you cant read\\n\\nAssistant: You can read?",
+     "rejected": "\\n\\nHuman: What kind of noises did dinosaurs make?\\n\\nAssistant: Humans and dinosaurs didn't
+                  live at the same time, [...]\\n\\nHuman: you cant read\\n\\nAssistant: there's a lot of stuff [...]"}
+
+The whole conversation appears twice; the copies differ after the last "\\n\\nAssistant:", where we split:
+
+    prompt   = "\\n\\nHuman: What kind of noises [...]\\n\\nHuman: you cant read\\n\\nAssistant:"
+    chosen   = " You can read?"                       <- the leading space stays with the response
+    rejected = " there's a lot of stuff [...]"
+
+GPT-2's BPE attaches a space to the word after it (" You" is one token), so the prompt's last token is ":" and the
+response's first is " You": tokenizing prompt and response separately gives the tokens of the whole text, and the
+boundary between them is exact. Every response then gets an <|endoftext|> (EOT) so the model learns to stop.
+
+Reading order: download and parse HH (its quirks counted, one summary line), the synthetic task, tokenization with
+the reference code's truncation (eric-mitchell/direct-preference-optimization) and an .npz cache, batches
+(SFT and [chosen; rejected]), and a length-grouped, resumable epoch sampler.
+"""
+
+import dataclasses
+import difflib
+import gzip
+import hashlib
+import json
+import os
+import random
+import re
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import EOT, cache_dir, download, get_tokenizer, hf_url, parse_settings
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. HH-RLHF: download and parse
+
+HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
+SPLITS = ("train", "test")
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+QUIRKS = {  # counter key -> what we do about it; the summary line prints every count, zeros included
+    "no_assistant": "dropped (no '\\n\\nAssistant:' to split at)",
+    "prompt_mismatch": "dropped (chosen and rejected differ before their last Assistant turn)",
+    "identical": "dropped (chosen == rejected: no preference)",
+    "empty": "kept with an empty response (the rater still preferred one side)",
+    "assistant_inside": "kept with 'Assistant:' inside a turn",
+}
+
+
+def check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown {what} {value!r}{hint} (choose from {', '.join(choices)})")
+
+
+def hh_subsets(subsets: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """None -> all four; every name is checked before anything is downloaded."""
+    subsets = tuple(subsets or HH_SUBSETS)
+    for subset in subsets:
+        check_choice(subset, HH_SUBSETS, "HH subset")
+    return subsets
+
+
+def hh_file(subset: str, split: str) -> Path:
+    """One HH file in the cache, downloaded on first use (resumable, retried, atomic: see model.download)."""
+    check_choice(split, SPLITS, "split")
+    url = hf_url(f"datasets/Anthropic/hh-rlhf/resolve/main/{subset}/{split}.jsonl.gz")
+    return download(url, cache_dir() / "hh-rlhf" / subset / f"{split}.jsonl.gz")
+
+
+def read_hh_file(subset: str, split: str) -> tuple[Path, str]:
+    """One HH file's path and decompressed text. A corrupt or truncated .gz is deleted and downloaded once more."""
+    for attempt in range(2):
+        path = hh_file(subset, split)
+        try:
+            # Decompress all of it before parsing: gzip's CRC and end marker sit at the end of the file, so only
+            # then do we know it is whole, and a truncated file can never become a silently shorter dataset.
+            return path, gzip.decompress(path.read_bytes()).decode("utf-8")
+        except (gzip.BadGzipFile, EOFError, zlib.error, UnicodeDecodeError) as e:
+            path.unlink()
+            if attempt == 1:
+                raise RuntimeError(
+                    f"{path} is corrupt again after a fresh download ({type(e).__name__}: {e}); it was removed. "
+                    f"The server ({hf_url('')}) sends a bad file: check HF_ENDPOINT, or put a good copy at {path}"
+                ) from e
+            print(f"{path} is corrupt ({type(e).__name__}: {e}); removed it, downloading it again")
+
+
+def parse_hh(text: str, source: str, counts: Counter) -> list[dict]:
+    """JSON lines of {"chosen", "rejected"} -> [{"prompt", "chosen", "rejected"}]; quirks are tallied in `counts`."""
+    pairs = []
+    for line_no, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON may hold a raw U+2028
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            chosen, rejected = record["chosen"], record["rejected"]
+            if not (isinstance(chosen, str) and isinstance(rejected, str)):
+                raise TypeError("chosen and rejected must be strings")
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{source}, line {line_no}: not a JSON record with string 'chosen' and 'rejected' "
+                             f"({type(e).__name__}: {e}). The file decompressed cleanly, so its content is wrong: "
+                             f"check HF_ENDPOINT, or delete the file to download it again") from None
+        counts["records"] += 1
+        cut_c, cut_r = chosen.rfind(ASSISTANT), rejected.rfind(ASSISTANT)
+        if cut_c < 0 or cut_r < 0:
+            counts["no_assistant"] += 1
+            continue
+        prompt = chosen[: cut_c + len(ASSISTANT)]
+        # The reference code slices the rejected text at len(prompt), trusting that both share the prompt. We split
+        # each text at its own last Assistant turn and keep the pair only if the prompts agree (so a response that
+        # runs on into a new Human/Assistant turn is dropped too: its own last Assistant turn is elsewhere).
+        if rejected[: cut_r + len(ASSISTANT)] != prompt:
+            counts["prompt_mismatch"] += 1
+            continue
+        chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+        if chosen.strip() == rejected.strip():
+            counts["identical"] += 1
+            continue
+        if not chosen.strip() or not rejected.strip():
+            counts["empty"] += 1
+        full = prompt + chosen + rejected
+        if full.count("Assistant:") > full.count(ASSISTANT):  # e.g. a human quoting "Assistant: ..." mid-turn
+            counts["assistant_inside"] += 1
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return pairs
+
+
+def load_hh(split: str, subsets: list[str] | tuple[str, ...] | None = None) -> list[dict]:
+    """HH-RLHF pairs of the chosen subsets (default: all four, ~160.8K train / 8.5K test pairs)."""
+    subsets = hh_subsets(subsets)
+    pairs, counts = [], Counter()
+    for subset in subsets:
+        path, text = read_hh_file(subset, split)
+        pairs += parse_hh(text, str(path), counts)
+    quirks = ", ".join(f"{counts[key]} {what}" for key, what in QUIRKS.items())
+    print(f"hh-rlhf {split} ({', '.join(subsets)}): {len(pairs)} pairs from {counts['records']} records; {quirks}")
+    return pairs
+
+
+def single_turn(pairs: list[dict]) -> list[dict]:
+    """Pairs whose prompt has exactly one Human turn: the paper's single-turn dialogue evaluation."""
+    return [pair for pair in pairs if pair["prompt"].count(HUMAN) == 1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. The synthetic task: HH's format, a known reward, small enough for a 2-core CPU
+#
+# A miniature of the paper's controlled experiment (Sec. 6.1, Fig. 2): preferences come from a ground-truth
+# reward, so we can measure how much reward a policy gains, not just ask a judge. A behaviour policy writes
+# responses from independent parts; a pair is two responses to one prompt, labelled by the reward with 10% flips.
+
+CATEGORIES = {  # no item belongs to two categories, so "is the answer right?" has one answer
+    "fruit": ("apple", "banana", "cherry", "grape", "lemon", "mango"),
+    "color": ("red", "blue", "green", "yellow", "purple", "pink"),
+    "animal": ("dog", "cat", "horse", "rabbit", "tiger", "bear"),
+    "city": ("Paris", "London", "Tokyo", "Rome", "Berlin", "Madrid"),
+    "drink": ("tea", "coffee", "milk", "juice", "water", "soda"),
+    "tool": ("hammer", "saw", "drill", "wrench", "shovel", "ladder"),
+    "sport": ("tennis", "soccer", "golf", "hockey", "rugby", "boxing"),
+    "instrument": ("piano", "guitar", "violin", "drum", "flute", "harp"),
+}
+QUESTIONS = ("Can you name {a} {category}?", "What is {a} {category}?", "Tell me {a} {category}, please.")
+OPENER, P_OPENER = " Sure!", 0.5  # reward +0.0: a distractor the policy should learn to ignore
+P_RIGHT = 0.5  # the answer names an item of the asked category (else of another one); reward +2.0
+FILLERS = (" I think so.", " Let me think.", " Maybe.", " Good question.")  # reward -0.5 each
+P_NO_MORE_FILLER, MAX_FILLERS = 0.4, 4  # number of fillers ~ geometric: P(k=0) = 0.4, capped at 4
+CLOSING, P_CLOSING = " Hope that helps!", 0.4  # reward +1.0
+LABEL_NOISE = 0.1  # chance a pair's labels are flipped, as a human rater sometimes would
+# The best response is " A fruit is apple. Hope that helps!" (opener optional): reward 3.0.
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def behaviour_response(rng: random.Random, category: str) -> str:
+    """One response of the behaviour policy: opener, answer, fillers and closing, each drawn independently."""
+    parts = [OPENER] if rng.random() < P_OPENER else []
+    others = [item for c, items in CATEGORIES.items() if c != category for item in items]
+    item = rng.choice(CATEGORIES[category] if rng.random() < P_RIGHT else others)
+    parts.append(f" {article(category).capitalize()} {category} is {item}.")
+    n_fillers = 0
+    while n_fillers < MAX_FILLERS and rng.random() > P_NO_MORE_FILLER:
+        n_fillers += 1
+    parts += [rng.choice(FILLERS) for _ in range(n_fillers)]
+    if rng.random() < P_CLOSING:
+        parts.append(CLOSING)
+    return "".join(parts)
+
+
+def synthetic_reward(prompt: str, response: str) -> float:
+    """Ground truth: 2*(answer names an item of the asked category) + 1*(polite closing) - 0.5*(filler sentences).
+
+    Also scores model samples, which may be garbage: anything unparsable simply earns nothing.
+    """
+    asked = re.findall(r"\b(" + "|".join(CATEGORIES) + r")\b", prompt)
+    answer = re.search(r" is (\w+)\.", response)  # the first answer sentence counts
+    right = bool(asked and answer and answer.group(1) in CATEGORIES[asked[-1]])
+    fillers = sum(response.count(f.strip()) for f in FILLERS)
+    return 2.0 * right + 1.0 * (CLOSING.strip() in response) - 0.5 * fillers
+
+
+def synthetic_pairs(split: str, n: int | None = None, seed: int = 0) -> list[dict]:
+    """n preference pairs (train: 4000, test: 500 by default); the same (split, n, seed) gives the same pairs."""
+    check_choice(split, SPLITS, "split")
+    n = {"train": 4000, "test": 500}[split] if n is None else n
+    rng = random.Random(f"synthetic/{split}/{seed}")  # a string seed per split: test draws its own samples
+    pairs = []
+    while len(pairs) < n:
+        category = rng.choice(list(CATEGORIES))
+        question = rng.choice(QUESTIONS).format(a=article(category), category=category)
+        prompt = f"{HUMAN} {question}{ASSISTANT}"
+        a, b = behaviour_response(rng, category), behaviour_response(rng, category)
+        reward_a, reward_b = synthetic_reward(prompt, a), synthetic_reward(prompt, b)
+        if reward_a == reward_b:  # no preference to learn from
+            continue
+        chosen, rejected = (a, b) if reward_a > reward_b else (b, a)
+        if rng.random() < LABEL_NOISE:
+            chosen, rejected = rejected, chosen
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return pairs
+
+
+def dataset_subsets(dataset: str) -> tuple[str, ...] | None:
+    """The HH subsets a dataset name reads: "hh" all four, "hh:a,b" a and b, "synthetic" none (None)."""
+    if dataset == "synthetic":
+        return None
+    if dataset == "hh" or dataset.startswith("hh:"):
+        return hh_subsets(dataset[3:].split(",") if dataset != "hh" else None)
+    raise ValueError(f"unknown dataset {dataset!r}: use 'synthetic', 'hh' or e.g. 'hh:helpful-base,harmless-base'")
+
+
+def load_pairs(dataset: str, split: str) -> list[dict]:
+    subsets = dataset_subsets(dataset)
+    return synthetic_pairs(split) if subsets is None else load_hh(split, subsets)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Tokenization, truncation, and the on-disk cache
+
+PARTS = ("prompt", "chosen", "rejected")
+
+
+def tokenize_pairs(pairs: list[dict], max_length: int = 512, max_prompt_length: int = 256,
+                   truncation: str = "truncate") -> dict[str, np.ndarray]:
+    """Token ids of every pair, stored ragged: `{part}_ids` (all rows end to end, uint16) and `{part}_offsets`
+    (row i is ids[offsets[i]:offsets[i+1]]), for part in prompt, chosen, rejected. See `example`.
+
+    Truncation as in the reference code: if prompt + the longer response exceeds max_length, keep the prompt's
+    last max_prompt_length tokens (its end holds the turn being answered); if still too long, cut both responses
+    to max_length - len(prompt) (the reference cuts to max_length - max_prompt_length, which wastes room when the
+    prompt is short). truncation="drop" drops over-long pairs instead.
+    """
+    check_choice(truncation, ("truncate", "drop"), "truncation")
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(f"need 0 < max_prompt_length < max_length so every response keeps a token; "
+                         f"got max_prompt_length={max_prompt_length}, max_length={max_length}")
+    enc = get_tokenizer()
+    rows, counts = {part: [] for part in PARTS}, Counter()
+    for start in range(0, len(pairs), 4096):  # in chunks: Python lists of all ids at once would take GBs
+        chunk = pairs[start: start + 4096]
+        # encode_ordinary: a literal "<|endoftext|>" in the text is plain text, so EOT only ever ends a response
+        ids = [enc.encode_ordinary_batch([pair[part] for pair in chunk]) for part in PARTS]
+        for prompt, chosen, rejected in zip(*ids):
+            chosen, rejected = chosen + [EOT], rejected + [EOT]
+            longer = max(len(chosen), len(rejected))
+            if len(prompt) + longer > max_length:
+                if truncation == "drop":
+                    counts["dropped"] += 1
+                    continue
+                counts["prompt_cut"] += len(prompt) > max_prompt_length
+                prompt = prompt[-max_prompt_length:]
+                if len(prompt) + longer > max_length:
+                    counts["responses_cut"] += 1
+                    chosen, rejected = chosen[: max_length - len(prompt)], rejected[: max_length - len(prompt)]
+            for part, row in zip(PARTS, (prompt, chosen, rejected)):
+                rows[part].append(np.array(row, dtype=np.uint16))  # GPT-2's 50257 ids fit in 16 bits
+    if not rows["prompt"]:
+        raise ValueError(f"no pairs left to train on ({len(pairs)} given, {counts['dropped']} dropped as longer "
+                         f"than max_length={max_length}); raise max_length or use truncation='truncate'")
+    tok = {}
+    for part in PARTS:
+        tok[f"{part}_ids"] = np.concatenate(rows[part])
+        tok[f"{part}_offsets"] = np.concatenate([[0], np.cumsum([len(r) for r in rows[part]])]).astype(np.int64)
+    summary = (f"{len(rows['prompt'])} pairs tokenized (max_length={max_length}, max_prompt_length="
+               f"{max_prompt_length}): {counts['prompt_cut']} prompts cut to their end, "
+               f"{counts['responses_cut']} pairs with responses cut, {counts['dropped']} over-long pairs dropped")
+    print(summary)
+    tok["summary"] = np.array(summary)  # a plain unicode array: np.load needs no pickle for it
+    return tok
+
+
+def tokenize_dataset(dataset: str, split: str, max_length: int = 512, max_prompt_length: int = 256,
+                     truncation: str = "truncate") -> dict[str, np.ndarray]:
+    """load_pairs + tokenize_pairs, cached as .npz: a second run loads the arrays in about a second."""
+    subsets = dataset_subsets(dataset)
+    files = [hh_file(subset, split) for subset in subsets] if subsets else []
+    key = {
+        "dataset": dataset, "split": split, "max_length": max_length, "max_prompt_length": max_prompt_length,
+        "truncation": truncation,
+        # a re-downloaded or edited source file has a new size or mtime
+        "files": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
+        # so does this file: any edit (parser, synthetic task, truncation) gives new arrays, never stale ones
+        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    name = re.sub(r"[^\w-]+", "_", dataset)  # "hh:helpful-base,harmless-base" -> "hh_helpful-base_harmless-base"
+    path = cache_dir() / "tokenized" / f"{name}-{split}-{digest}.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as npz:
+            tok = dict(npz)
+        print(f"{dataset} {split}: loaded from {path}: {tok['summary']}")
+        return tok
+    tok = tokenize_pairs(load_pairs(dataset, split), max_length, max_prompt_length, truncation)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **tok)
+    os.replace(tmp, path)  # atomic: a crash mid-write leaves no half cache behind
+    return tok
+
+
+def n_examples(tok: dict) -> int:
+    return len(tok["prompt_offsets"]) - 1
+
+
+def example(tok: dict, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(prompt_ids, chosen_ids, rejected_ids) of pair i; each response ends with EOT unless truncation cut it."""
+    return tuple(tok[f"{part}_ids"][tok[f"{part}_offsets"][i]: tok[f"{part}_offsets"][i + 1]] for part in PARTS)
+
+
+def example_lengths(tok: dict, kind: str) -> np.ndarray:
+    """Tokens per example: "sft" = prompt + chosen, "pref" = prompt + the longer response (its padded length)."""
+    check_choice(kind, ("sft", "pref"), "length kind")
+    prompt, chosen, rejected = (np.diff(tok[f"{part}_offsets"]) for part in PARTS)
+    return prompt + (chosen if kind == "sft" else np.maximum(chosen, rejected))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Batches
+#
+# A model predicts token t+1 from tokens <= t, so inputs = seq[:-1] and targets = seq[1:], and the loss counts a
+# position when its TARGET is a response token (the prompt is given, not learned). Rows are right-padded with EOT;
+# padding sits after every real token, so causal attention never lets a real token see it, and the mask keeps it
+# out of the loss. A preference batch for B = 2 (p prompt, c chosen, r rejected, E the EOT ending a response,
+# . padding), one common length for all 2B rows so one forward pass serves both halves:
+#
+#                 seq = prompt + response     input_ids = seq[:-1]   target_ids = seq[1:]   loss_mask
+#   chosen 1      p p p c c E                 p p p c c .            p p c c E .            0 0 1 1 1 0
+#   chosen 2      p p c c c c E               p p c c c c            p c c c c E            0 1 1 1 1 1
+#   rejected 1    p p p r E                   p p p r . .            p p r E . .            0 0 1 1 0 0
+#   rejected 2    p p r r E                   p p r r . .            p r r E . .            0 1 1 1 0 0
+
+
+def pad_rows(rows: list[tuple[np.ndarray, np.ndarray]], loss_on_prompt: bool = False) -> dict[str, torch.Tensor]:
+    """(prompt_ids, response_ids) per row -> input_ids, target_ids (B, T) int64 and loss_mask (B, T) bool."""
+    T = max(len(prompt) + len(response) for prompt, response in rows) - 1
+    input_ids = torch.full((len(rows), T), EOT, dtype=torch.int64)  # (B, T)
+    target_ids = torch.full((len(rows), T), EOT, dtype=torch.int64)  # (B, T)
+    loss_mask = torch.zeros((len(rows), T), dtype=torch.bool)  # (B, T)
+    for b, (prompt, response) in enumerate(rows):
+        assert len(prompt) >= 1 and len(response) >= 1, f"row {b}: prompt {len(prompt)}, response {len(response)}"
+        seq = torch.from_numpy(np.concatenate([prompt, response]).astype(np.int64))
+        n = len(seq) - 1
+        input_ids[b, :n], target_ids[b, :n] = seq[:-1], seq[1:]
+        loss_mask[b, 0 if loss_on_prompt else len(prompt) - 1: n] = True  # target t is seq[t + 1]
+    return {"input_ids": input_ids, "target_ids": target_ids, "loss_mask": loss_mask}
+
+
+def sft_batch(tok: dict, indices, on: str = "response") -> dict[str, torch.Tensor]:
+    """Rows prompt + chosen, loss on the response (B, T). on="all": prompt + chosen and prompt + rejected rows with
+    loss on every real token (2B, T): plain language modelling, used to pretrain the demo's base model."""
+    check_choice(on, ("response", "all"), "sft_batch on")
+    examples = [example(tok, i) for i in indices]
+    if on == "response":
+        return pad_rows([(prompt, chosen) for prompt, chosen, _ in examples])
+    rows = [(prompt, chosen) for prompt, chosen, _ in examples] + [(prompt, rej) for prompt, _, rej in examples]
+    return pad_rows(rows, loss_on_prompt=True)
+
+
+def preference_batch(tok: dict, indices) -> dict[str, torch.Tensor]:
+    """Rows [chosen_1 .. chosen_B; rejected_1 .. rejected_B], (2B, T): row i and row B + i share a prompt."""
+    examples = [example(tok, i) for i in indices]
+    return pad_rows([(prompt, chosen) for prompt, chosen, _ in examples]
+                    + [(prompt, rejected) for prompt, _, rejected in examples])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. The epoch sampler: a pure function of (seed, epoch)
+#
+# Random batches mix short and long examples, and every row is padded to the longest. Grouping similar lengths
+# cuts the padding while keeping the order random: shuffle, take chunks of GROUP_BATCHES batches, sort each chunk
+# by length, cut it into batches, shuffle the batch order. The training loop keeps only (epoch, step): resuming
+# skips the first `step` batches of the epoch, and rank r of W trains on batch[r::W] of each global batch
+# (rows sorted by length, so every rank gets similar lengths).
+
+GROUP_BATCHES = 64  # batches per sorted chunk: larger = less padding, less randomness in which rows meet
+
+
+def epoch_batches(lengths, batch_size: int, seed: int, epoch: int, group_by_length: bool = True,
+                  drop_last: bool = True) -> list[np.ndarray]:
+    """Index arrays of one epoch's batches; with drop_last=False every example appears exactly once."""
+    lengths = np.asarray(lengths)
+    if batch_size < 1 or len(lengths) == 0:
+        raise ValueError(f"need batch_size >= 1 and examples, got batch_size={batch_size}, {len(lengths)} examples")
+    rng = np.random.default_rng([seed, epoch])  # its own generator: global random state cannot change the order
+    order = rng.permutation(len(lengths))
+    if group_by_length:
+        chunk = batch_size * GROUP_BATCHES  # a multiple of batch_size, so no batch straddles two chunks
+        pieces = [order[s: s + chunk] for s in range(0, len(order), chunk)]
+        order = np.concatenate([piece[np.argsort(lengths[piece], kind="stable")] for piece in pieces])
+    batches = [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
+    if drop_last and len(batches[-1]) < batch_size:
+        batches.pop()
+    if group_by_length:  # else the sorted chunks would hand out short batches first
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def padding_fraction(lengths, batches: list[np.ndarray]) -> float:
+    """Share of the padded batch area (rows x longest row) that is padding."""
+    lengths = np.asarray(lengths)
+    padded = sum(len(batch) * lengths[batch].max() for batch in batches)
+    return 1.0 - sum(lengths[batch].sum() for batch in batches) / padded
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Settings:
+    """Show a dataset: python data.py --dataset=synthetic"""
+
+    dataset: str = "synthetic"  # synthetic, hh, or hh:<subset>,<subset> (harmless-base, helpful-base, ...)
+    split: str = "train"  # train or test
+    max_length: int = 512  # prompt + response tokens (the reference code's max_length)
+    max_prompt_length: int = 256  # prompt tokens kept, from the end, when a pair is too long
+    batch_size: int = 2  # pairs in the decoded example batch
+
+
+if __name__ == "__main__":
+    s = parse_settings(Settings)
+    tok = tokenize_dataset(s.dataset, s.split, s.max_length, s.max_prompt_length)
+    lengths = example_lengths(tok, "pref")
+    print(f"pair lengths (prompt + longer response): median {np.median(lengths):.0f}, max {lengths.max()}")
+    for grouped in (False, True):
+        batches = epoch_batches(lengths, 64, seed=0, epoch=0, group_by_length=grouped)
+        print(f"padding at batch size 64, group_by_length={grouped}: {padding_fraction(lengths, batches):.1%}")
+    enc = get_tokenizer()
+    batch = preference_batch(tok, range(s.batch_size))
+    for row, mask in enumerate(batch["loss_mask"]):
+        first = int(mask.nonzero()[0])  # the first position whose target is a response token
+        prompt = enc.decode(batch["input_ids"][row, : first + 1].tolist())
+        response = enc.decode(batch["target_ids"][row][mask].tolist())
+        side = "chosen" if row < s.batch_size else "rejected"
+        print(f"{side} {row % s.batch_size}: {prompt!r} + loss on {response!r} + {int((~mask[first:]).sum())} padding")

@@ -1,0 +1,147 @@
+"""The figures of the evaluation, as PNG files beside its results.
+
+    python plot.py --out=runs/gpt2/eval --runs=runs/gpt2/sft,runs/gpt2/dpo
+
+Reads what judge.py and the training runs wrote and draws, in `--out`:
+
+  fig3_temperature.png  DPO paper (arXiv 2305.18290) Figure 3 left: win rate against the chosen answers vs
+                        sampling temperature, one line per model (base 2-shot, SFT, DPO), 95% Wilson intervals
+  fig3_steps.png        Figure 3 right: DPO win rate vs training step (judge.py --dpo_steps), one line per temperature
+  win_rate_vs_size.png  win rate vs GPT-2 size, from every eval dir matching --sizes (skipped with fewer than 2)
+  training.png          training curves from metrics.jsonl: SFT eval loss; DPO loss, reward accuracy, reward margin
+
+The numbers themselves are in results.md (judge.py), ready to include in the README.
+"""
+
+import dataclasses
+import glob
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed (servers, CI)
+import matplotlib.pyplot as plt
+
+import model
+from judge import STEPS_MODEL, read_jsonl
+
+
+@dataclasses.dataclass
+class Settings:
+    """Draw the evaluation figures: python plot.py --out=runs/gpt2/eval --runs=runs/gpt2/sft,runs/gpt2/dpo"""
+
+    out: str = "runs/gpt2/eval"  # judge.py's output dir: reads results.jsonl, writes the PNGs here
+    runs: str = "runs/gpt2/sft,runs/gpt2/dpo"  # training run dirs whose metrics.jsonl to plot (comma separated)
+    sizes: str = "runs/*/eval"  # glob of eval dirs, one per GPT-2 size, for the win rate vs size plot
+    size_temperature: float = 0.25  # sampling temperature whose win rates the size plot compares
+
+
+def error_bars(rows: list[dict]) -> list[list[float]]:
+    """matplotlib's yerr: distances from each win rate down to ci_low and up to ci_high."""
+    return [[r["win_rate"] - r["ci_low"] for r in rows], [r["ci_high"] - r["win_rate"] for r in rows]]
+
+
+def line_plot(groups: dict[str, list[dict]], x: str, xlabel: str, title: str, path: Path,
+              xticklabels: list[str] | None = None) -> None:
+    """Win rate (with its 95% interval) against `x`, one line per group."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    xs = [r[x] for rows in groups.values() for r in rows]
+    dodge = 0.01 * (max(xs) - min(xs)) if xs else 0  # shift lines apart a little so error bars do not overlap
+    for k, (label, rows) in enumerate(groups.items()):
+        rows = sorted((r for r in rows if r["win_rate"] is not None), key=lambda r: r[x])
+        shift = (k - (len(groups) - 1) / 2) * dodge
+        ax.errorbar([r[x] + shift for r in rows], [r["win_rate"] for r in rows], yerr=error_bars(rows), marker="o",
+                    capsize=3, label=label)
+    ax.axhline(0.5, color="gray", lw=0.8, ls="--")  # a tie with the chosen answers
+    ax.set(xlabel=xlabel, ylabel="win rate vs chosen", title=title, ylim=(0, 1))
+    if xticklabels:
+        ax.set_xticks(range(len(xticklabels)), xticklabels)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def group_by(rows: list[dict], key: str) -> dict[str, list[dict]]:
+    groups = {}
+    for r in rows:
+        groups.setdefault(str(r[key]), []).append(r)
+    return groups
+
+
+def plot_temperature(rows: list[dict], path: Path) -> None:
+    """Figure 3 left: the models of --models (not the intermediate DPO checkpoints)."""
+    rows = [r for r in rows if r["model"] != STEPS_MODEL]
+    line_plot(group_by(rows, "model"), "temperature", "sampling temperature", "Win rate vs temperature", path)
+
+
+def plot_steps(rows: list[dict], path: Path) -> None:
+    """Figure 3 right: the --dpo_steps checkpoints, one line per temperature."""
+    rows = [r for r in rows if r["model"] == STEPS_MODEL]
+    if not rows:
+        print(f"no --dpo_steps results: skipping {path.name}")
+        return
+    groups = {f"T = {t}": rs for t, rs in group_by(rows, "temperature").items()}
+    line_plot(groups, "step", "DPO training step", "DPO win rate during training", path)
+
+
+def plot_sizes(pattern: str, temperature: float, path: Path) -> None:
+    """Win rate vs model size: each eval dir runs/<size>/eval is one size; one line per model name."""
+    rows = []
+    for results in sorted(glob.glob(str(Path(pattern) / "results.jsonl"))):
+        size = Path(results).parent.parent.name  # runs/gpt2-medium/eval/results.jsonl -> gpt2-medium
+        rows += [{**r, "size": size} for r in read_jsonl(Path(results))
+                 if r["temperature"] == temperature and r["model"] != STEPS_MODEL]
+    sizes = sorted({r["size"] for r in rows}, key=lambda s: list(model.PRESETS).index(s) if s in model.PRESETS else 99)
+    if len(sizes) < 2:
+        print(f"results for {len(sizes)} model size(s) under {pattern}: skipping {path.name}")
+        return
+    for r in rows:
+        r["size_index"] = sizes.index(r["size"])
+    line_plot(group_by(rows, "model"), "size_index", "model", f"Win rate vs model size (T = {temperature})", path,
+              xticklabels=sizes)
+
+
+def plot_training(run_dirs: list[str], path: Path) -> None:
+    """SFT eval loss; DPO loss, reward accuracy and reward margin (train and eval), against the step."""
+    panels = [("loss", "SFT eval loss", False), ("loss", "DPO loss", True),
+              ("reward_accuracy", "DPO reward accuracy", True), ("reward_margin", "DPO reward margin", True)]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    drawn = 0
+    for run in run_dirs:
+        metrics = read_jsonl(Path(run) / "metrics.jsonl")
+        is_dpo = any("reward_accuracy" in m for m in metrics)  # what tells a DPO run's metrics from SFT's
+        for ax, (key, title, dpo_panel) in zip(axes.flat, panels):
+            if dpo_panel != is_dpo:
+                continue
+            for split in ("train", "eval") if is_dpo else ("eval",):
+                points = [(m["step"], m[key]) for m in metrics if m.get("split") == split and key in m]
+                if points:
+                    ax.plot(*zip(*points), marker="." if split == "eval" else None, label=f"{Path(run).name} {split}")
+                    ax.set(title=title, xlabel="step")
+                    ax.legend()
+                    drawn += 1
+    if drawn:
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        print(f"wrote {path}")
+    else:
+        print(f"no metrics.jsonl with data in {run_dirs}: skipping {path.name}")
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    s = model.parse_settings(Settings, argv)
+    out = Path(s.out)
+    rows = read_jsonl(out / "results.jsonl")
+    if not rows:
+        raise FileNotFoundError(f"no {out / 'results.jsonl'}: run judge.py --out={out} first")
+    plot_temperature(rows, out / "fig3_temperature.png")
+    plot_steps(rows, out / "fig3_steps.png")
+    plot_sizes(s.sizes, s.size_temperature, out / "win_rate_vs_size.png")
+    plot_training([r for r in s.runs.split(",") if r], out / "training.png")
+
+
+if __name__ == "__main__":
+    main()

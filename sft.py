@@ -1,0 +1,384 @@
+"""Supervised fine-tuning on the preferred responses ("Preferred-FT"), and the one training loop of the project.
+
+    python sft.py --model=gpt2 --out=runs/gpt2/sft                           # one GPU, or the CPU
+    torchrun --standalone --nproc_per_node=4 sft.py --model=gpt2-medium ...  # several GPUs (DDP)
+    python sft.py --help                                                     # every setting, with its default
+
+The DPO paper (Rafailov et al. 2023, arXiv:2305.18290, Sec. 4 and 6.1) first fine-tunes the base model on the
+chosen responses of Anthropic HH, so that the reference policy pi_ref is in-distribution for the preference
+data; DPO then starts from it. SFT maximises the likelihood of the chosen response y_w given the prompt x:
+
+    L_SFT = - E_(x, y_w) [ log pi(y_w | x) ],     log pi(y | x) = sum_t log pi(y_t | x, y_<t)
+
+SFT and DPO differ only in that loss, so this file holds the training loop once (`train`) and dpo.py
+imports it with its own loss. The loop follows the order of events of one optimizer step:
+
+    set lr (linear warmup) -> evaluate / checkpoint when due -> micro-batches: forward + backward,
+    gradients accumulated -> unscale + clip -> optimizer step -> log a progress line and metrics.jsonl
+
+A run directory holds config.json (the settings), metrics.jsonl, latest/ (everything needed to resume exactly),
+step_NNNNNN/ (intermediate models) and final/ (the model the next stage loads).
+"""
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data
+import model as gpt
+
+
+@dataclasses.dataclass
+class Settings:
+    """Supervised fine-tuning (Preferred-FT): python sft.py --key=value ..."""
+
+    # data
+    dataset: str = "hh"  # hh (all four HH-RLHF subsets), hh:helpful-base,harmless-base, or synthetic (the demo)
+    max_length: int = 512  # prompt + response tokens, as in the DPO reference code
+    max_prompt_length: int = 256  # a longer prompt keeps its last tokens
+    truncation: str = "truncate"  # truncate over-long pairs (reference code) or drop them
+    train_on: str = "chosen"  # chosen: loss on the chosen response (SFT); all: every token of both conversations
+    n_eval: int = 256  # held-out test examples for periodic evaluation
+    # model
+    model: str = "gpt2"  # gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny (random init), or a checkpoint directory
+    grad_checkpoint: bool = False  # recompute activations in backward: fits gpt2-large/xl in less memory
+    dropout: float = 0.0  # GPT-2 was pretrained with 0.1; fine-tuning recipes (and the reference code) use 0
+    compile: bool = False  # torch.compile the model (faster on GPU after a minute of compiling)
+    # optimisation
+    optimizer: str = "rmsprop"  # rmsprop (the DPO paper) or adamw (fused on CUDA)
+    lr: float = 1e-5  # peak learning rate (the reference code's 5e-7 is for 2.8B models; GPT-2 is 20x smaller)
+    weight_decay: float = 0.0  # AdamW only
+    warmup_steps: int = 150  # linear warmup from 0 to lr, then constant (DPO paper)
+    batch_size: int = 64  # examples per optimizer step, summed over all GPUs (DPO paper: 64)
+    micro_batch_size: int = 8  # examples per forward pass per GPU; the rest is gradient accumulation
+    epochs: int = 1  # passes over the training set
+    max_steps: int = 0  # stop after this many optimizer steps (0 = the epochs decide)
+    grad_clip: float = 10.0  # max global gradient norm (reference code: 10)
+    # bookkeeping
+    eval_every: int = 500  # optimizer steps between evaluations
+    save_every: int = 0  # optimizer steps between saved models step_NNNNNN/ (0 = final only)
+    checkpoint_every: int = 250  # optimizer steps between resume checkpoints latest/
+    out: str = "runs/gpt2/sft"  # run directory
+    resume: bool = True  # continue from out/latest if it exists
+    seed: int = 0  # data order and initialisation
+    device: str = "auto"  # cuda, mps, cpu or auto
+    dtype: str = "auto"  # bfloat16, float16, float32 or auto (bf16 on recent GPUs, fp32 on CPU)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loss: per-sequence log-probabilities of the response tokens
+
+
+def sequence_logps(model, batch):
+    """Sum of log pi(y_t | x, y_<t) over the response tokens of each row -> (B,) in fp32.
+
+    batch: input_ids (B, T); target_ids (B, T), the inputs shifted left by one; loss_mask (B, T), True where the
+    target is a response token. We SUM over tokens, as the paper's log pi(y | x) and the reference code do;
+    averaging instead would make every response count as if it were one token long, which removes the pressure
+    against long rambling (rejected) answers and changes what beta means.
+    """
+    mask = batch["loss_mask"]
+    logits = model(batch["input_ids"], select=mask)  # (N, V): only the N masked positions need the vocabulary
+    # cross_entropy = -log_softmax(logits)[target], fused; fp32 because bf16 log-probs lose ~3 digits
+    logp = -F.cross_entropy(logits.float(), batch["target_ids"][mask], reduction="none")  # (N,)
+    rows = mask.nonzero()[:, 0]  # the row of each masked position, in the same (row-major) order as x[mask]
+    return torch.zeros(mask.shape[0], device=logp.device).index_add(0, rows, logp)  # (B,)
+
+
+def sft_loss(model, batch):
+    """-log pi(y_w | x) for each row, and the per-token negative log-likelihood to read as a metric."""
+    logps = sequence_logps(model, batch)
+    n_tokens = batch["loss_mask"].sum(-1).clamp(min=1)
+    return -logps, {"nll_per_token": -logps.detach() / n_tokens}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed setup, optimizer, checkpoints
+
+
+def setup(s: Settings):
+    """(rank, world_size, local_rank, device, dtype, reason). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK and we
+    join the process group (NCCL on GPUs, gloo on CPUs); a plain `python` run is rank 0 of 1."""
+    rank, world, local_rank = 0, 1, 0
+    if "RANK" in os.environ:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+    on_gpu = s.device == "auto" and torch.cuda.is_available()
+    device, dtype, reason = gpt.pick_device(f"cuda:{local_rank}" if on_gpu else s.device, s.dtype)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, world, local_rank, device, dtype, reason
+
+
+def make_optimizer(s: Settings, model, device):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if s.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=s.lr)
+    if s.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, fused=device.type == "cuda")
+    raise SystemExit(f"--optimizer must be rmsprop or adamw, got {s.optimizer!r}")
+
+
+def save_checkpoint(directory: Path, model, optimizer, step: int, settings: dict) -> None:
+    """Everything an exact resume needs, without pickle: weights and optimizer tensors as safetensors, the rest
+    as JSON. Written to a temporary directory and swapped in, so a kill never leaves a broken latest/."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    gpt.save_model(model, tmp, meta={"step": step, "settings": settings})
+    state = optimizer.state_dict()
+    tensors = {f"{i}.{k}": v for i, st in state["state"].items() for k, v in st.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    gpt.write_safetensors(tmp / "optimizer.safetensors", tensors)
+    (tmp / "state.json").write_text(json.dumps({"step": step, "param_groups": state["param_groups"]}))
+    gpt.replace_dir(tmp, directory)
+
+
+def load_checkpoint(directory: Path, model, optimizer) -> int:
+    """Restore weights, optimizer state and RNG from save_checkpoint's directory; returns the step."""
+    if not (directory / "state.json").exists() and directory.with_name(directory.name + ".old").exists():
+        directory = directory.with_name(directory.name + ".old")  # killed mid-swap: the previous one is whole
+    model.load_state_dict(gpt.load_model(str(directory)).state_dict())
+    meta = json.loads((directory / "state.json").read_text())
+    tensors, _ = gpt.read_safetensors(directory / "optimizer.safetensors")
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors.pop("rng.cuda"))
+    tensors.pop("rng.cuda", None)
+    state: dict = {}
+    for key, t in tensors.items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = t
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta["step"]
+
+
+def peak_memory_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB: peak RSS of the process
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training loop
+
+
+def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, lengths, stage: str):
+    """Train `model` with `loss_fn(model, batch) -> (per-example losses (B,), {metric: (B,)})`.
+
+    train_batch(indices) / eval_batch(indices) -> dict of tensors (input_ids, target_ids, loss_mask, ...) for
+    those training / held-out examples; the first min(n_eval, s.n_eval) held-out examples are evaluated.
+    `lengths` (one per training example) drive the length-grouped, seeded, resumable batch order of data.py.
+    """
+    rank, world, local_rank, device, dtype, reason = setup(s)
+    master = rank == 0
+    out = Path(s.out)
+    if master:
+        print(f"device {device}, {dtype}: {reason}; {world} process(es)")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(gpt.settings_dict(s), indent=2))
+    if s.batch_size % (s.micro_batch_size * world):
+        raise SystemExit(f"--batch_size={s.batch_size} must be a multiple of micro_batch_size x GPUs "
+                         f"= {s.micro_batch_size} x {world}")
+
+    model.to(device)
+    optimizer = make_optimizer(s, model, device)
+    step = 0
+    if s.resume and any((out / d / "state.json").exists() for d in ("latest", "latest.old")):
+        step = load_checkpoint(out / "latest", model, optimizer)
+        if master:
+            print(f"resumed from {out / 'latest'} at step {step}")
+    # fp16 has too little range for small gradients: scale the loss up, unscale before clipping (off otherwise)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    raw_model = model  # what we save: never the compiled or DDP wrapper, so checkpoint keys stay plain
+    if s.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    order = (0, data.epoch_batches(lengths, s.batch_size, s.seed, 0))  # (epoch, its batches), redone each epoch
+    batches_per_epoch = len(order[1])
+    total = s.max_steps or s.epochs * batches_per_epoch
+    if batches_per_epoch == 0:
+        raise SystemExit(f"{len(lengths)} training examples make no batch of {s.batch_size}; lower --batch_size")
+    metrics_file = out / "metrics.jsonl"
+    settings = gpt.settings_dict(s)
+
+    def to_device(batch):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    def evaluate():
+        """Mean loss and metrics over the held-out examples, sharded over ranks and summed with all_reduce."""
+        model.eval()
+        sums, count = {}, torch.zeros((), device=device)
+        with torch.no_grad():
+            ids = list(range(min(s.n_eval, n_eval)))[rank::world]
+            for i in range(0, len(ids), s.micro_batch_size):
+                with gpt.autocast(device, dtype):
+                    losses, metrics = loss_fn(model, to_device(eval_batch(ids[i : i + s.micro_batch_size])))
+                for k, v in {"loss": losses, **metrics}.items():
+                    sums[k] = sums.get(k, 0) + v.float().sum()
+                count += len(losses)
+        model.train()
+        return reduce_mean(sums, count, world)
+
+    def log(record):
+        if master:
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def log_eval():
+        stats = evaluate()
+        log({"step": step, "split": "eval", **stats})
+        if master:
+            print(f"{stage} step {step}: eval  " + "  ".join(f"{k} {v:.4f}" for k, v in stats.items()), flush=True)
+
+    def checkpoint(at_step):
+        if master:
+            save_checkpoint(out / "latest", raw_model, optimizer, at_step, settings)
+
+    model.train()
+    t0, tokens_seen, start_step = time.time(), 0, step
+    # Ctrl-C: finish the current step, save latest/, exit (SIGINT as an exception mid-step could land anywhere)
+    stop = {"now": False}
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(now=True)) if master and world == 1 else None
+    try:
+        while step < total:
+            epoch, k = divmod(step, batches_per_epoch)
+            if epoch != order[0]:
+                order = (epoch, data.epoch_batches(lengths, s.batch_size, s.seed, epoch))
+            batch_ids = order[1][k]  # the global batch of this step, e.g. (64,) example indices
+            lr = s.lr * min(1.0, (step + 1) / max(1, s.warmup_steps))  # linear warmup, then constant
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            if s.eval_every and step % s.eval_every == 0:
+                log_eval()
+            if s.save_every and step % s.save_every == 0 and step > 0 and master:
+                gpt.save_model(raw_model, out / f"step_{step:06d}", meta={"stage": stage, "step": step, "settings": settings})
+
+            # Each rank takes every world-th example of the global batch and runs it in micro-batches.
+            mine = batch_ids[rank::world]
+            micro = [mine[i : i + s.micro_batch_size] for i in range(0, len(mine), s.micro_batch_size)]
+            sums, count = {}, torch.zeros((), device=device)
+            for i, ids in enumerate(micro):
+                batch = to_device(train_batch(ids))
+                tokens_seen += batch["input_ids"].numel() * world
+                # DDP all-reduces gradients in backward; only the last micro-batch needs to (no_sync skips it)
+                last = i == len(micro) - 1
+                sync = contextlib.nullcontext() if last or world == 1 else model.no_sync()
+                with sync:
+                    with gpt.autocast(device, dtype):
+                        losses, metrics = loss_fn(model, batch)
+                    # Gradient of the mean over the global batch: each micro-batch contributes sum / rows of the
+                    # global batch. DDP then averages over ranks (divides by world): multiply by world to undo it.
+                    rows_per_example = len(losses) // len(ids)  # 2 when train_on=all: chosen and rejected rows
+                    loss = losses.sum() * world / (len(batch_ids) * rows_per_example)
+                    scaler.scale(loss).backward()
+                for k, v in {"loss": losses, **metrics}.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float().sum()
+                count += len(losses)
+            stats = reduce_mean(sums, count, world)
+            if not math.isfinite(stats["loss"]):
+                raise RuntimeError(f"non-finite loss ({stats['loss']}) at step {step}; latest/ keeps the last good "
+                                   "checkpoint. Lower --lr, or try --dtype=float32 to rule out fp16 overflow.")
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip).item()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            elapsed = time.time() - t0
+            tok_s = tokens_seen / elapsed
+            eta = (total - step) * elapsed / (step - start_step)
+            log({"step": step, "split": "train", "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s,
+                 "mem_gb": peak_memory_gb(device), **stats})
+            if master:
+                shown = "  ".join(f"{k} {v:.4f}" for k, v in stats.items())
+                print(f"{stage} step {step}/{total}  {shown}  lr {lr:.2e}  {tok_s:,.0f} tok/s  ETA {eta / 60:.1f} min",
+                      flush=True)
+            if s.checkpoint_every and step % s.checkpoint_every == 0:
+                checkpoint(step)
+            if stop["now"]:
+                print(f"interrupted: saving {out / 'latest'} at step {step}; run the same command to resume")
+                checkpoint(step)
+                sys.exit(130)
+        if s.eval_every:
+            log_eval()
+        checkpoint(step)
+        if master:
+            gpt.save_model(raw_model, out / "final", meta={"stage": stage, "step": step, "settings": settings})
+            print(f"saved {out / 'final'}")
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
+        if world > 1:
+            dist.destroy_process_group()
+    return raw_model
+
+
+def reduce_mean(sums: dict, count, world: int) -> dict[str, float]:
+    """Per-example sums -> means over every example of every rank."""
+    keys = sorted(sums)
+    packed = torch.stack([sums[k] for k in keys] + [count.float()])
+    if world > 1:
+        dist.all_reduce(packed)
+    return {k: (packed[i] / packed[-1]).item() for i, k in enumerate(keys)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_policy(s: Settings):
+    """The model to train: a preset (hub weights or random tiny) or a checkpoint, with this run's dropout and
+    activation checkpointing."""
+    torch.manual_seed(s.seed)
+    m = gpt.load_model(s.model)
+    m.config.grad_checkpoint = s.grad_checkpoint
+    for module in m.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = s.dropout
+        if isinstance(module, gpt.CausalSelfAttention):
+            module.dropout = s.dropout
+    m.config.dropout = s.dropout
+    return m
+
+
+def prepare(settings_class, argv, stage: str):
+    """Parse settings and tokenize the data; None when the run already finished (stages skip done work)."""
+    s = gpt.parse_settings(settings_class, argv)
+    if (Path(s.out) / "final" / "model.safetensors").exists():
+        print(f"{s.out}/final exists: {stage} already done (delete it to train again)")
+        return None
+    print(json.dumps(gpt.settings_dict(s), indent=2))
+    kw = dict(max_length=s.max_length, max_prompt_length=s.max_prompt_length, truncation=s.truncation)
+    return s, data.tokenize_dataset(s.dataset, "train", **kw), data.tokenize_dataset(s.dataset, "test", **kw)
+
+
+def main(argv=None):
+    prepared = prepare(Settings, argv, "training")
+    if prepared is None:
+        return
+    s, train_data, eval_data = prepared
+    if s.train_on not in ("chosen", "all"):
+        raise SystemExit(f"--train_on must be chosen or all, got {s.train_on!r}")
+    on, stage = ("response", "sft") if s.train_on == "chosen" else ("all", "pretrain")
+    train(s, load_policy(s), sft_loss, lambda ids: data.sft_batch(train_data, ids, on=on),
+          lambda ids: data.sft_batch(eval_data, ids, on=on), data.n_examples(eval_data),
+          data.example_lengths(train_data, "sft" if on == "response" else "pref"), stage)
+
+if __name__ == "__main__":
+    main()

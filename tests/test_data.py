@@ -1,0 +1,418 @@
+"""Tests for data.py: HH-RLHF download and parsing (against a loopback hub), tokenization and truncation, batches,
+the epoch sampler and the synthetic task. Each test's docstring names the bug it would catch.
+
+The HH fixtures are our own records in the dataset's exact format, gzipped and served by a small HTTP server on
+127.0.0.1 that HF_ENDPOINT points at, so the real download code runs offline.
+"""
+
+import gzip
+import http.server
+import json
+import random
+import threading
+from collections import Counter
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import model
+
+H, A = "\n\nHuman:", "\n\nAssistant:"
+MULTI_PROMPT = f"{H} Hi there{A} Hello! How can I help?{H} Name a fruit, please.{A}"
+ASKS_ASSISTANT = f"{H} What does 'Assistant:' mean in a chat log?{A}"
+
+# (chosen text, rejected text) -> the pair we expect, or the quirk that drops it
+HELPFUL = [
+    (MULTI_PROMPT + " An apple.", MULTI_PROMPT + " No.",
+     {"prompt": MULTI_PROMPT, "chosen": " An apple.", "rejected": " No."}),
+    (f"{H} What's 2+2?{A} It’s 4 — easy 🙂", f"{H} What's 2+2?{A} 5",
+     {"prompt": f"{H} What's 2+2?{A}", "chosen": " It’s 4 — easy 🙂", "rejected": " 5"}),
+    (f"{H} Same?{A} Yes.", f"{H} Same?{A} Yes.", "identical"),
+    (f"{H} Same again?{A} Yes.", f"{H} Same again?{A} Yes. ", "identical"),  # differ only in whitespace
+    (f"{H} Say nothing.{A} ", f"{H} Say nothing.{A} Something.",
+     {"prompt": f"{H} Say nothing.{A}", "chosen": " ", "rejected": " Something."}),
+    (f"{H} Hi{A} Hey.{H} Bye{A} Bye!", f"{H} Hello{A} Hey.{H} Bye{A} Ciao.", "prompt_mismatch"),
+    # the rejected response runs on into a new turn, so its own last Assistant turn is elsewhere
+    (f"{H} Go on.{A} Done.", f"{H} Go on.{A} Fine.{H} more{A} ok", "prompt_mismatch"),
+    (ASKS_ASSISTANT + " It marks whose turn it is.", ASKS_ASSISTANT + " No idea. <|endoftext|>",
+     {"prompt": ASKS_ASSISTANT, "chosen": " It marks whose turn it is.", "rejected": " No idea. <|endoftext|>"}),
+    (f"{H} hello", f"{H} hello there", "no_assistant"),
+]
+HARMLESS = [
+    (f"{H} How do I pick a lock?{A} I'd rather not help with that.", f"{H} How do I pick a lock?{A} Easy: ...",
+     {"prompt": f"{H} How do I pick a lock?{A}", "chosen": " I'd rather not help with that.",
+      "rejected": " Easy: ..."}),
+]
+QUIRK_COUNTS = {"records": 9, "identical": 2, "prompt_mismatch": 2, "no_assistant": 1, "empty": 1,
+                "assistant_inside": 1}
+
+
+def kept(records):
+    return [want for _, _, want in records if isinstance(want, dict)]
+
+
+def jsonl_gz(records) -> bytes:
+    return gzip.compress("".join(json.dumps({"chosen": c, "rejected": r}) + "\n" for c, r, *_ in records).encode())
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A loopback Hugging Face: put(subset, split, *bodies) serves the bodies in turn (the last one forever)."""
+    files, seen = {}, []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.path)
+            bodies = files.get(self.path)
+            if not bodies:
+                self.send_error(404)
+                return
+            body = bodies.pop(0) if len(bodies) > 1 else bodies[0]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setenv("DPO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(model, "RETRY_BASE_SECONDS", 0.0)
+
+    def put(subset, split, *bodies):
+        files[f"/datasets/Anthropic/hh-rlhf/resolve/main/{subset}/{split}.jsonl.gz"] = list(bodies)
+
+    yield SimpleNamespace(put=put, requests=seen, cached=lambda subset, split: model.cache_dir() / "hh-rlhf" /
+                          subset / f"{split}.jsonl.gz")
+    server.shutdown()
+    server.server_close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HH-RLHF: download and parse
+
+
+def test_load_hh_downloads_splits_and_reports_quirks(hub, capsys):
+    """Catches: a wrong URL or cache path, a prompt split anywhere but the last Assistant turn, a lost leading
+    space, quirky pairs kept or dropped against the rules, subsets concatenated out of order, a missing summary."""
+    hub.put("helpful-base", "test", jsonl_gz(HELPFUL))
+    hub.put("harmless-base", "test", jsonl_gz(HARMLESS))
+    pairs = data.load_hh("test", ["helpful-base", "harmless-base"])
+    assert pairs == kept(HELPFUL) + kept(HARMLESS)
+    assert hub.cached("helpful-base", "test").exists() and hub.cached("harmless-base", "test").exists()
+    summary = capsys.readouterr().out
+    assert f"{len(pairs)} pairs from {len(HELPFUL) + len(HARMLESS)} records" in summary, summary
+    for key, what in data.QUIRKS.items():
+        assert f"{QUIRK_COUNTS[key]} {what}" in summary, f"{key}: expected {QUIRK_COUNTS[key]} in {summary!r}"
+    data.load_hh("test", ["helpful-base", "harmless-base"])
+    assert len(hub.requests) == 2, f"the second load should read the cache, not the server: {hub.requests}"
+
+
+def test_parse_hh_counts_each_quirk_exactly():
+    """Catches: a quirk counted twice, under the wrong name, or not at all."""
+    counts = Counter()
+    text = "\n".join(json.dumps({"chosen": c, "rejected": r}) for c, r, _ in HELPFUL)
+    assert data.parse_hh(text, "fixture", counts) == kept(HELPFUL)
+    assert counts == Counter(QUIRK_COUNTS), f"got {dict(counts)}, want {QUIRK_COUNTS}"
+
+
+@pytest.mark.parametrize("bad_line", ['{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: yo", "rejec', '{"chosen": "x"}',
+                                      '{"chosen": 1, "rejected": 2}'])
+def test_malformed_record_names_file_and_line(hub, bad_line):
+    """Catches: a bare JSONDecodeError/KeyError with no file or line, or a bad line silently skipped."""
+    good = json.dumps({"chosen": HELPFUL[0][0], "rejected": HELPFUL[0][1]})
+    hub.put("helpful-base", "test", gzip.compress(f"{good}\n{good}\n{bad_line}\n{good}\n".encode()))
+    with pytest.raises(ValueError, match=r"helpful-base/test\.jsonl\.gz, line 3"):
+        data.load_hh("test", ["helpful-base"])
+
+
+def test_truncated_gz_is_downloaded_again(hub):
+    """Catches: a truncated .gz read as a shorter dataset, or kept in the cache instead of fetched once more."""
+    good = jsonl_gz(HELPFUL)
+    hub.put("helpful-base", "test", good[: len(good) // 2], good)
+    assert data.load_hh("test", ["helpful-base"]) == kept(HELPFUL)
+    assert len(hub.requests) == 2, hub.requests
+    assert hub.cached("helpful-base", "test").read_bytes() == good
+
+
+def test_corrupt_gz_twice_raises_naming_the_file(hub):
+    """Catches: an endless re-download loop, a vague zlib/EOF error, or a corrupt file left in the cache."""
+    good = jsonl_gz(HELPFUL)
+    hub.put("helpful-base", "test", good[:-10])  # the CRC and length trailer are gone
+    path = hub.cached("helpful-base", "test")
+    with pytest.raises(RuntimeError, match=str(path).replace(".", r"\.") + " is corrupt"):
+        data.load_hh("test", ["helpful-base"])
+    assert len(hub.requests) == 2 and not path.exists()
+
+
+def test_missing_file_and_unknown_names_give_clear_errors(hub):
+    """Catches: a 404 swallowed into an empty dataset, and a typo in a subset or split going unexplained."""
+    with pytest.raises(model.DownloadError, match="no such file"):
+        data.load_hh("test", ["helpful-online"])
+    with pytest.raises(ValueError, match="did you mean 'helpful-base'"):
+        data.load_hh("test", ["helpfull-base"])
+    with pytest.raises(ValueError, match="did you mean 'harmless-base'"):
+        data.tokenize_dataset("hh:helpful-base,harmles-base", "test")
+    with pytest.raises(ValueError, match="unknown split 'valid'"):
+        data.load_pairs("hh", "valid")
+    assert len(hub.requests) == 1, f"names are checked before any download: {hub.requests}"
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.load_pairs("imdb", "train")
+
+
+def test_single_turn_keeps_exactly_one_human_turn():
+    """Catches: multi-turn prompts leaking into the paper's single-turn evaluation set."""
+    pairs = kept(HELPFUL)
+    assert data.single_turn(pairs) == [p for p in pairs if p["prompt"] != MULTI_PROMPT]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenization and truncation
+
+
+def test_prompt_and_response_tokens_decode_back_exactly():
+    """Catches: a token lost or merged at the prompt/response boundary, a missing EOT, or a literal
+    "<|endoftext|>" in the text turned into the EOT id (which would end the response early)."""
+    enc = model.get_tokenizer()
+    pairs = kept(HELPFUL) + data.synthetic_pairs("test", n=50)
+    tok = data.tokenize_pairs(pairs)
+    assert data.n_examples(tok) == len(pairs)
+    for i, pair in enumerate(pairs):
+        prompt, chosen, rejected = (ids.tolist() for ids in data.example(tok, i))
+        assert enc.decode(prompt) == pair["prompt"] and model.EOT not in prompt
+        for ids, text in ((chosen, pair["chosen"]), (rejected, pair["rejected"])):
+            assert ids[-1] == model.EOT and model.EOT not in ids[:-1], ids
+            assert enc.decode(prompt + ids[:-1]) == pair["prompt"] + text
+
+
+def words(start, n):
+    return "".join(f" w{i}" for i in range(start, start + n))
+
+
+def test_truncation_follows_the_reference_rules():
+    """Catches: the prompt's start kept instead of its end, sequences over max_length, responses cut when only the
+    prompt needed cutting, EOT kept on a cut response or lost on a whole one, and truncation="drop" keeping or
+    dropping the wrong pairs."""
+    enc = model.get_tokenizer()
+    prompt_long, prompt_short = H + words(0, 150) + A, H + words(0, 3) + A
+    pairs = [
+        {"prompt": prompt_short, "chosen": words(500, 5), "rejected": words(600, 3)},  # fits: untouched
+        {"prompt": prompt_long, "chosen": words(500, 5), "rejected": words(600, 3)},  # prompt cut only
+        {"prompt": prompt_long, "chosen": words(500, 80), "rejected": words(600, 3)},  # prompt and chosen cut
+        {"prompt": prompt_short, "chosen": words(500, 3), "rejected": words(600, 80)},  # rejected cut after prompt
+    ]
+    max_length, max_prompt_length = 64, 32
+    tok = data.tokenize_pairs(pairs, max_length, max_prompt_length)
+    for i, pair in enumerate(pairs):
+        full = {part: enc.encode_ordinary(pair[part]) for part in data.PARTS}
+        full["chosen"].append(model.EOT)
+        full["rejected"].append(model.EOT)
+        too_long = len(full["prompt"]) + max(len(full["chosen"]), len(full["rejected"])) > max_length
+        prompt, chosen, rejected = (ids.tolist() for ids in data.example(tok, i))
+        assert prompt == (full["prompt"][-max_prompt_length:] if too_long else full["prompt"]), f"pair {i}"
+        room = max_length - len(prompt)  # responses are cut to what the prompt leaves, not max_length - 32
+        for part, ids in (("chosen", chosen), ("rejected", rejected)):
+            assert ids == full[part][:room], f"pair {i} {part}: {len(ids)} tokens, room {room}"
+            assert (ids[-1] == model.EOT) == (len(full[part]) <= room), f"pair {i} {part}"
+        assert len(prompt) + max(len(chosen), len(rejected)) <= max_length
+    assert len(data.example(tok, 3)[2]) == max_length - len(enc.encode_ordinary(prompt_short)), "cut to room"
+    dropped = data.tokenize_pairs(pairs, max_length, max_prompt_length, truncation="drop")
+    assert data.n_examples(dropped) == 1 and data.example(dropped, 0)[1].tolist() == enc.encode_ordinary(
+        pairs[0]["chosen"]) + [model.EOT]
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        data.tokenize_pairs(pairs, max_length=32, max_prompt_length=32)
+    with pytest.raises(ValueError, match="no pairs left"):
+        data.tokenize_pairs(pairs[1:], max_length, max_prompt_length, truncation="drop")
+
+
+def test_tokenized_dataset_is_cached_by_source_and_settings(hub, monkeypatch):
+    """Catches: re-tokenizing on every run, a cache that ignores changed settings or a changed source file
+    (stale arrays), and a cache file that needs pickle to load."""
+    hub.put("helpful-base", "test", jsonl_gz(HELPFUL))
+    first = data.tokenize_dataset("hh:helpful-base", "test", max_length=64, max_prompt_length=32)
+    real_tokenize = data.tokenize_pairs
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized again although the cache should hit")
+
+    monkeypatch.setattr(data, "tokenize_pairs", no_tokenizing)
+    again = data.tokenize_dataset("hh:helpful-base", "test", max_length=64, max_prompt_length=32)
+    assert again.keys() == first.keys() and all(np.array_equal(first[k], again[k]) for k in first)
+    (path,) = (model.cache_dir() / "tokenized").glob("*.npz")
+    assert "pairs tokenized" in str(np.load(path, allow_pickle=False)["summary"])  # raises if it needed pickle
+    with pytest.raises(AssertionError, match="tokenized again"):  # other settings: a different cache entry
+        data.tokenize_dataset("hh:helpful-base", "test", max_length=128, max_prompt_length=32)
+    monkeypatch.setattr(data, "tokenize_pairs", real_tokenize)
+    hub.cached("helpful-base", "test").write_bytes(jsonl_gz(HELPFUL[:2]))  # the source changed on disk
+    assert data.n_examples(data.tokenize_dataset("hh:helpful-base", "test", 64, 32)) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+def expected_rows(tok, i, response_part):
+    prompt, chosen, rejected = (ids.tolist() for ids in data.example(tok, i))
+    return prompt, chosen if response_part == "chosen" else rejected
+
+
+def check_row(batch, row, prompt, response, loss_on_prompt=False):
+    T = batch["input_ids"].shape[1]
+    seq = prompt + response
+    n = len(seq) - 1
+    pad = [model.EOT] * (T - n)
+    assert batch["input_ids"][row].tolist() == seq[:-1] + pad, f"row {row} inputs"
+    assert batch["target_ids"][row].tolist() == seq[1:] + pad, f"row {row} targets"
+    start = 0 if loss_on_prompt else len(prompt) - 1
+    want = [False] * start + [True] * (n - start) + [False] * (T - n)
+    assert batch["loss_mask"][row].tolist() == want, f"row {row} loss_mask"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return data.tokenize_pairs(kept(HELPFUL) + data.synthetic_pairs("test", n=20))
+
+
+def test_sft_batch_loss_mask_is_exactly_the_response_targets(tok):
+    """Catches: an off-by-one between inputs and targets, loss on prompt or padding tokens, or the final EOT
+    left out of the loss (the model would never learn to stop)."""
+    indices = [3, 0, 7, 1]
+    batch = data.sft_batch(tok, indices)
+    assert all(batch[k].shape == batch["input_ids"].shape for k in batch) and batch["input_ids"].shape[0] == 4
+    assert batch["input_ids"].dtype == torch.int64 and batch["loss_mask"].dtype == torch.bool
+    assert batch["input_ids"].shape[1] == max(sum(map(len, expected_rows(tok, i, "chosen"))) for i in indices) - 1
+    for row, i in enumerate(indices):
+        check_row(batch, row, *expected_rows(tok, i, "chosen"))
+        assert batch["target_ids"][row][batch["loss_mask"][row]].tolist() == expected_rows(tok, i, "chosen")[1]
+
+
+def test_sft_batch_on_all_trains_every_real_token_of_both_responses(tok):
+    """Catches: the pretraining batch dropping the rejected rows or the prompt tokens."""
+    indices = [2, 5]
+    batch = data.sft_batch(tok, indices, on="all")
+    assert batch["input_ids"].shape[0] == 4
+    for row, (i, part) in enumerate([(2, "chosen"), (5, "chosen"), (2, "rejected"), (5, "rejected")]):
+        check_row(batch, row, *expected_rows(tok, i, part), loss_on_prompt=True)
+
+
+def test_preference_batch_stacks_chosen_then_rejected_at_one_length(tok):
+    """Catches: interleaved rows (chosen_i must pair with row B + i), chosen and rejected padded to different
+    lengths, or a mask covering the prompt."""
+    indices = [4, 1, 6]
+    batch = data.preference_batch(tok, indices)
+    longest = max(len(p) + max(len(c), len(r)) for p, c, r in (data.example(tok, i) for i in indices))
+    assert batch["input_ids"].shape == (6, longest - 1)
+    for row, i in enumerate(indices):
+        check_row(batch, row, *expected_rows(tok, i, "chosen"))
+        check_row(batch, 3 + row, *expected_rows(tok, i, "rejected"))
+    lengths = data.example_lengths(tok, "pref")
+    assert lengths[indices].max() == longest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The epoch sampler
+
+LENGTHS = np.random.default_rng(0).integers(10, 500, size=1003)
+
+
+@pytest.mark.parametrize("group_by_length", [True, False])
+def test_every_example_exactly_once_per_epoch(group_by_length):
+    """Catches: examples lost or repeated by the chunk sort or the batch shuffle, and drop_last ignored."""
+    batches = data.epoch_batches(LENGTHS, 16, seed=1, epoch=0, group_by_length=group_by_length, drop_last=False)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(LENGTHS)))
+    dropped = data.epoch_batches(LENGTHS, 16, seed=1, epoch=0, group_by_length=group_by_length)
+    assert all(len(b) == 16 for b in dropped) and len(dropped) == len(LENGTHS) // 16
+
+
+def test_order_is_a_pure_function_of_seed_and_epoch():
+    """Catches: order depending on global random state (resume would replay different batches), the same order
+    every epoch, and resume from step k not matching the uninterrupted run."""
+    run = data.epoch_batches(LENGTHS, 16, seed=1, epoch=3)
+    np.random.seed(123)
+    random.seed(123)
+    torch.manual_seed(123)
+    resumed = data.epoch_batches(LENGTHS, 16, seed=1, epoch=3)[20:]  # the loop restarted at step 20
+    assert all(np.array_equal(a, b) for a, b in zip(run[20:], resumed, strict=True))
+    other_epoch = data.epoch_batches(LENGTHS, 16, seed=1, epoch=4)
+    other_seed = data.epoch_batches(LENGTHS, 16, seed=2, epoch=3)
+    assert not np.array_equal(np.concatenate(run), np.concatenate(other_epoch))
+    assert not np.array_equal(np.concatenate(run), np.concatenate(other_seed))
+
+
+def test_rank_shards_are_disjoint_and_cover_the_batch():
+    """Catches: ranks training on overlapping rows or skipping some, when each takes batch[rank::world_size]."""
+    for batch in data.epoch_batches(LENGTHS, 16, seed=0, epoch=0, drop_last=False):
+        shards = [batch[rank::4] for rank in range(4)]
+        assert sorted(np.concatenate(shards).tolist()) == sorted(batch.tolist())
+
+
+def test_grouping_by_length_cuts_padding_but_keeps_batch_order_random():
+    """Catches: grouping that does not sort (or sorts the wrong thing) and so saves no padding, and sorted batches
+    left in length order (every epoch would start with its shortest batches)."""
+    batches = data.epoch_batches(LENGTHS, 16, seed=0, epoch=0)
+    grouped = data.padding_fraction(LENGTHS, batches)
+    longest = [LENGTHS[batch].max() for batch in batches]
+    assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
+    mixed = data.padding_fraction(LENGTHS, data.epoch_batches(LENGTHS, 16, seed=0, epoch=0, group_by_length=False))
+    assert grouped < 0.05 < 0.3 < mixed, f"padding grouped {grouped:.3f}, random {mixed:.3f}"
+    assert data.padding_fraction([5, 5, 10], [np.array([0, 2]), np.array([1])]) == pytest.approx(5 / 25)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The synthetic task
+
+
+def test_synthetic_pairs_are_deterministic_per_seed_and_split():
+    """Catches: generation depending on global random state, or train and test drawing the same samples."""
+    random.seed(99)
+    assert data.synthetic_pairs("train", n=200, seed=0) == data.synthetic_pairs("train", n=200, seed=0)
+    assert data.synthetic_pairs("train", n=200, seed=0) != data.synthetic_pairs("train", n=200, seed=1)
+    assert data.synthetic_pairs("test", n=200) != data.synthetic_pairs("train", n=200)
+    assert len(data.synthetic_pairs("train")) == 4000 and len(data.synthetic_pairs("test")) == 500
+
+
+def test_synthetic_labels_follow_the_reward_with_ten_percent_noise():
+    """Catches: labels not following the reward, missing (or too much) label noise, ties left in, and responses
+    from a behaviour policy that breaks its own spec (wrong prompt format, more than 4 fillers)."""
+    pairs = data.synthetic_pairs("train")
+    margins = np.array([data.synthetic_reward(p["prompt"], p["chosen"]) - data.synthetic_reward(p["prompt"],
+                                                                                                 p["rejected"])
+                        for p in pairs])
+    assert (margins != 0).all()
+    assert 0.88 < (margins > 0).mean() < 0.92, f"chosen wins {(margins > 0).mean():.3f} of pairs, want ~0.9"
+    for p in pairs:
+        assert p["prompt"].startswith(H) and p["prompt"].endswith(A) and p["prompt"].count(H) == 1
+        for response in (p["chosen"], p["rejected"]):
+            assert sum(response.count(f) for f in data.FILLERS) <= data.MAX_FILLERS, response
+    items = [item for category in data.CATEGORIES.values() for item in category]
+    assert len(items) == len(set(items)), "an item in two categories makes the reward ambiguous"
+
+
+def test_the_ideal_response_earns_the_maximum_reward():
+    """Catches: a reward the policy could beat by padding (the opener or fillers earning points), or one that
+    misses the right answer, the closing, or the filler penalty."""
+    prompt = f"{H} Can you name a fruit?{A}"
+    assert data.synthetic_reward(prompt, " A fruit is apple. Hope that helps!") == 3.0
+    assert data.synthetic_reward(prompt, " Sure! A fruit is mango. Hope that helps!") == 3.0
+    assert data.synthetic_reward(prompt, " A fruit is Paris. Maybe. Let me think.") == -1.0
+    assert data.synthetic_reward(f"{H} What is an animal?{A}", " An animal is dog. I think so.") == 1.5
+    rng = random.Random(0)
+    rewards = [data.synthetic_reward(prompt, data.behaviour_response(rng, "fruit")) for _ in range(2000)]
+    assert max(rewards) == 3.0 and min(rewards) == -2.0, (max(rewards), min(rewards))  # -2: wrong, 4 fillers
+
+
+def test_reward_never_raises_on_garbage():
+    """Catches: the reward crashing on a model's garbage samples (judge.py scores them all) or rewarding it."""
+    rng = random.Random(0)
+    alphabet = "ab .!?:isAnfruitapple\n<|>é🙂"
+    for _ in range(500):
+        garbage = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        assert data.synthetic_reward(garbage, garbage) <= 1.0
+    assert data.synthetic_reward("", "") == 0.0
+    assert data.synthetic_reward("no category here", " A fruit is apple.") == 0.0

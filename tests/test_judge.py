@@ -1,0 +1,334 @@
+"""Tests of judge.py and plot.py: the REST judge against a fake OpenAI server on 127.0.0.1, the arithmetic of
+win rates, A/B order, sampling with the `tiny` model, the ground-truth judge and the figures. Each docstring
+names the bug the test would catch."""
+
+import json
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import data
+import judge
+import model
+import plot
+
+KEY = "sk-test-do-not-leak-0123456789"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A fake OpenAI-compatible server. It checks what we send, and markers in the model's answer script its replies:
+# "[429]", "[500]", "[slow]", "[badjson]", "[garbled-once]" misbehave on the first try of a request; "[garbled]"
+# never gives a verdict. Otherwise the answer containing "good" beats one containing "meh", which beats the rest
+# (or, when a test sets `always`, that letter wins).
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):  # keep pytest's output clean
+        pass
+
+    def reply(self, status: int, payload, headers: dict | None = None) -> None:
+        raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        try:
+            self.send_response(status)
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up on a slow answer
+            pass
+
+    def do_POST(self):
+        server = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        content = body["messages"][0]["content"]
+        with server.lock:
+            server.log.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+            server.tries[content] += 1
+            n = server.tries[content]
+        problems = [p for p, ok in [
+            (f"path {self.path}", self.path == "/v1/chat/completions"),
+            ("Authorization header", self.headers.get("Authorization") == f"Bearer {KEY}"),
+            (f"model {body.get('model')}", body.get("model") == "gpt-4o-mini"),
+            (f"temperature {body.get('temperature')}", body.get("temperature") == 0),
+            ("messages", [m["role"] for m in body["messages"]] == ["user"]),
+            ("prompt", content.startswith("For the following query to a chatbot, which response is more helpful?")),
+        ] if not ok]
+        if problems:
+            return self.reply(400, {"error": {"message": f"fake server: bad {', '.join(problems)}"}})
+        if server.reject:
+            return self.reply(401, {"error": {"message": f"Incorrect API key provided: {KEY}"}})
+        if "[429]" in content and n == 1:
+            return self.reply(429, {"error": {"message": "rate limited"}}, {"Retry-After": "0.1"})
+        if "[500]" in content and n == 1:
+            return self.reply(500, {"error": {"message": "server error"}})
+        if "[slow]" in content and n == 1:
+            time.sleep(1.0)  # past the client's 0.5 s timeout
+        if "[badjson]" in content and n == 1:
+            return self.reply(200, b'{"choices": [{"message": ')
+        if "[garbled]" in content or ("[garbled-once]" in content and n == 1):
+            return self.reply(200, completion("Both answers are fine, I cannot pick one."))
+        a = content.split("Response A:\n")[1].split("\n\nResponse B:\n")[0]
+        b = content.split("\n\nResponse B:\n")[1].split("\n\nFIRST provide")[0]
+        rank = lambda text: 2 if "good" in text else 1 if "meh" in text else 0  # noqa: E731
+        winner = server.always or ("A" if rank(a) >= rank(b) else "B")
+        style = ["More helpful: {}", "**More helpful:** {}", 'More helpful: "{}"'][len(content) % 3]
+        return self.reply(200, completion("Comparison: one is better.\n" + style.format(winner)))
+
+
+def completion(text: str) -> dict:
+    return {"choices": [{"message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": 100, "completion_tokens": 20}}
+
+
+@pytest.fixture
+def fake_openai(monkeypatch):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    server.lock, server.log, server.tries, server.reject, server.always = threading.Lock(), [], Counter(), False, None
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{server.server_port}/v1")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def comparison(i: int, response: str, position: str) -> dict:
+    return {"model": "dpo", "path": "runs/x", "step": 10, "temperature": 0.5, "seed": 0,
+            "prompt": f"\n\nHuman: Question {i}?\n\nAssistant:", "response": response, "chosen": " a meh answer",
+            "position": position, "swap": False}
+
+
+SCRIPT = [  # (model's answer, its position, expected outcome, requests the fake server should see)
+    (" good", "A", "win", 1), (" good", "B", "win", 1), (" bad", "A", "loss", 1), (" bad", "B", "loss", 1),
+    (" good [429]", "A", "win", 2), (" good [500]", "B", "win", 2), (" bad [slow]", "A", "loss", 2),
+    (" good [badjson]", "B", "win", 2), (" good [garbled-once]", "A", "win", 2), (" good [garbled]", "B", "invalid", 2),
+]
+FAST = judge.Settings(judge="openai", timeout_s=0.5, backoff_s=0.01, concurrency=4)
+
+
+def test_fake_server_evaluation_counts_and_retries(fake_openai, tmp_path, capsys):
+    """Catches: a wrong URL, header or body (the server answers 400); A/B mapped the wrong way (wins would
+    become losses in one position); no retry on 429/500/timeouts/malformed JSON (the run would fail); Retry-After
+    ignored; an unparseable verdict dropped or not retried; invalid verdicts counted in the win rate."""
+    comparisons = [comparison(i, resp, pos) for i, (resp, pos, _, _) in enumerate(SCRIPT)]
+    judgments = judge.judge_all(comparisons, FAST, tmp_path)
+    assert [j["outcome"] for j in judgments] == [outcome for _, _, outcome, _ in SCRIPT]
+    for (resp, _, _, want), c in zip(SCRIPT, comparisons):
+        body = judge.judge_request(c, "gpt-4o-mini", FAST.max_tokens)
+        assert fake_openai.tries[body["messages"][0]["content"]] == want, f"requests for {resp!r}"
+    assert len(fake_openai.log) == sum(want for *_, want in SCRIPT)
+    out = capsys.readouterr().out
+    assert "waiting 0.1s (as Retry-After asks)" in out and "rate limited" in out, out
+    # usage (100, 20) of each 200 answer: 16 requests less the 429, 500, timeout and malformed one; garbled count
+    assert "used 1,200 input + 240 output tokens" in out, out
+    (row,) = judge.score(judgments)
+    assert (row["n"], row["wins"], row["losses"], row["invalid"]) == (10, 6, 3, 1), row
+    assert row["win_rate"] == pytest.approx(6 / 9)
+
+
+def test_second_run_is_served_from_the_cache(fake_openai, tmp_path):
+    """Catches: a cache that is not written, not read, or keyed on something that changes between runs
+    (e.g. a random A/B order or a timestamp): the second run would pay for every request again."""
+    comparisons = [comparison(i, resp, pos) for i, (resp, pos, _, _) in enumerate(SCRIPT)]
+    first = judge.judge_all(comparisons, FAST, tmp_path)
+    sent = len(fake_openai.log)
+    second = judge.judge_all(comparisons, FAST, tmp_path)
+    assert len(fake_openai.log) == sent, f"{len(fake_openai.log) - sent} requests on a fully cached run"
+    assert [j["outcome"] for j in second] == [j["outcome"] for j in first]
+
+
+def test_401_stops_at_once_with_a_clear_message(fake_openai, tmp_path):
+    """Catches: a rejected key retried (or every request sent anyway), and an error message that does not say
+    which server rejected the key, or that repeats the key the server echoed back."""
+    fake_openai.reject = True
+    comparisons = [comparison(i, " good", "A") for i in range(40)]
+    with pytest.raises(judge.JudgeError, match=r"key rejected by http://127\.0\.0\.1:\d+/v1") as err:
+        judge.judge_all(comparisons, FAST, tmp_path)
+    assert KEY not in str(err.value)
+    assert len(fake_openai.log) <= FAST.concurrency, f"{len(fake_openai.log)} requests after a 401"
+
+
+def test_the_key_is_never_written_or_printed(fake_openai, tmp_path, capsys):
+    """Catches: the API key leaking into samples, the judgment cache, results, config.json or the log
+    (e.g. by storing request headers or printing settings that hold it). Also runs the whole pipeline
+    with the OpenAI judge, and the swap check against a judge that always says "A"."""
+    fake_openai.always = "A"
+    rows = judge.main(["--dataset=synthetic", "--models=sft:tiny", "--n=3", "--max_new_tokens=4",
+                       "--temperatures=1.0", f"--out={tmp_path}", "--timeout_s=5", "--swap_check=2"])
+    assert sum(r["n"] for r in rows) == 3
+    assert "swap check: 2/2 pairs (100%)" in (tmp_path / "results.md").read_text()
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {"judgments.jsonl", "results.jsonl", "results.md", "sft.jsonl", "config.json"} <= {p.name for p in files}
+    for p in files:
+        assert KEY not in p.read_text(), f"API key found in {p}"
+    captured = capsys.readouterr()
+    assert KEY not in captured.out + captured.err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arithmetic, order, parsing
+
+
+def test_wilson_interval_known_values():
+    """Catches: a wrong Wilson formula (e.g. z² / n where z² / 2n belongs, or the Wald interval p ± z·se), and
+    n = 0 crashing. Oracle: the interval is every p the score test accepts, (p̂ - p)² <= z² p(1 - p) / n, so its
+    ends are the roots of (1 + z²/n) p² - (2p̂ + z²/n) p + p̂² = 0; plus the textbook 8/10 -> [0.490, 0.943]."""
+    z = 1.96
+    for wins, n in [(8, 10), (0, 10), (10, 10), (50, 100), (3, 7), (123, 400)]:
+        p = wins / n
+        roots = sorted(np.roots([1 + z * z / n, -(2 * p + z * z / n), p * p]).real)
+        assert judge.wilson_interval(wins, n, z) == pytest.approx(roots, abs=1e-9), (wins, n)
+    assert judge.wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert judge.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_score_counts_invalid_outside_the_denominator():
+    """Catches: invalid verdicts counted as losses (or silently dropped from n), and rows merged across
+    temperatures or models."""
+    outcomes = {0.5: ["win", "win", "loss", "invalid"], 1.0: ["loss", "loss"]}
+    judgments = [{"model": "dpo", "step": 3, "temperature": t, "outcome": o} for t, os in outcomes.items() for o in os]
+    rows = judge.score(judgments)
+    assert [(r["temperature"], r["n"], r["wins"], r["losses"], r["invalid"]) for r in rows] == [
+        (0.5, 4, 2, 1, 1), (1.0, 2, 0, 2, 0)]
+    assert rows[0]["win_rate"] == pytest.approx(2 / 3)
+    assert (rows[0]["ci_low"], rows[0]["ci_high"]) == judge.wilson_interval(2, 3)
+
+
+def test_order_is_balanced_and_reproducible():
+    """Catches: the model's answer always in one position (the judge's position bias would then move the win
+    rate), or an order that changes between runs (the cached request would no longer match)."""
+    samples = [{"model": "dpo", "step": 1, "temperature": 1.0, "prompt": f"q{i}"} for i in range(2000)]
+    first = [judge.model_position(0, x) for x in samples]
+    assert first == [judge.model_position(0, x) for x in samples]
+    assert 0.45 < first.count("A") / len(first) < 0.55, first.count("A")
+    other_seed = [judge.model_position(1, x) for x in samples]
+    assert 0.4 < sum(a != b for a, b in zip(first, other_seed)) / len(first) < 0.6
+
+
+@pytest.mark.parametrize("text, verdict", [
+    ("Comparison: A is clearer.\nMore helpful: A", "A"),
+    ("Comparison: x\n**More helpful:** B", "B"),
+    ('Comparison: x\nMore helpful: "B"', "B"),
+    ("Comparison: x\nMore helpful: Response A.", "A"),
+    ("Comparison: Response B is more helpful: it answers.\nMore helpful: A", "A"),
+    ("Comparison: x\n\nB", "B"),
+    ("Comparison: they are equally helpful.", None),
+    ("More helpful: a tie", None),
+])
+def test_parse_verdict(text, verdict):
+    """Catches: markdown or quotes around the verdict read as invalid, the comparison sentence read as the
+    verdict, and a non-answer read as A or B."""
+    assert judge.parse_verdict(text) == verdict
+
+
+def test_retry_wait_honours_retry_after_and_backs_off():
+    """Catches: Retry-After ignored, backoff that does not grow, or no jitter (threads retrying in lockstep)."""
+    assert judge.retry_wait(0, 1.0, "0.1") == 0.1
+    waits = [judge.retry_wait(3, 1.0, None) for _ in range(50)]
+    assert all(4.0 <= w <= 12.0 for w in waits) and len(set(waits)) > 1, waits
+    assert judge.retry_wait(20, 1.0, None) <= judge.MAX_WAIT_S
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling with the tiny model, the ground-truth judge, the figures
+
+SYNTHETIC = ["--dataset=synthetic", "--judge=groundtruth", "--n=4", "--max_new_tokens=8", "--temperatures=0.5,1.0"]
+
+
+def test_clean_response_cuts_only_the_next_turn():
+    """Catches: an answer that runs into the user's next turn, a half-written "\\n\\nHuman" left at the end,
+    and stripping of other whitespace (which would change what the judge reads)."""
+    assert judge.clean_response(" Hi.\n\nHuman: more?\n\nAssistant: x") == " Hi."
+    assert judge.clean_response(" Hi.\n\nHuman") == " Hi."
+    assert judge.clean_response(" Hi.\n") == " Hi.\n"
+
+
+def test_few_shot_prompt_for_the_base_model(tmp_path, monkeypatch):
+    """Catches: a base model prompted without its examples (or an SFT model with them), examples drawn from
+    the test split, and prompts truncated from the right (the question would be cut) instead of the left."""
+    splits = []
+    load_pairs = data.load_pairs
+    monkeypatch.setattr(data, "load_pairs", lambda dataset, split: splits.append(split) or load_pairs(dataset, split))
+    prefix = judge.few_shot_prefix("synthetic", 2, 0, 200)
+    train = {p["prompt"] + p["chosen"] for p in data.single_turn(load_pairs("synthetic", "train"))}
+    shots = ["\n\nHuman:" + x for x in prefix.split("\n\nHuman:")[1:]]
+    assert splits == ["train"] and len(shots) == 2 and all(x in train for x in shots), (splits, shots)
+
+    seen = {}
+
+    def fake_generate(self, prompts, max_new_tokens, temperature, **kwargs):  # what the model is asked, no compute
+        seen.setdefault(temperature, []).extend(prompts)
+        return [[] for _ in prompts]
+
+    monkeypatch.setattr(model.GPT, "generate", fake_generate)
+    enc = model.get_tokenizer()
+    judge.main(SYNTHETIC + ["--models=base:tiny,sft:tiny", "--judge=none", "--temperatures=1.0", f"--out={tmp_path}"])
+    base, sft = seen[1.0][:4], seen[1.0][4:]
+    assert all(enc.decode(ids).startswith(prefix) for ids in base)
+    assert not any(enc.decode(ids).startswith(prefix) for ids in sft)
+
+    seen.clear()
+    budget = model.PRESETS["tiny"].block_size - 246  # fewer tokens than any synthetic prompt has
+    judge.main(SYNTHETIC + ["--models=sft:tiny", "--judge=none", "--temperatures=1.0", "--max_new_tokens=246",
+                            f"--out={tmp_path / 'long'}"])
+    full = [enc.encode_ordinary(p["prompt"]) for p in judge.eval_prompts("synthetic", 4, 0)]
+    assert all(len(ids) > budget for ids in full)
+    assert sorted(seen[1.0]) == sorted(ids[-budget:] for ids in full)
+
+
+def test_sampling_resumes_then_groundtruth_results_and_figures(tmp_path, monkeypatch):
+    """Catches: samples not written, regenerated on a re-run (or a resumed run generating everything again),
+    records missing fields, the ground-truth judge not producing results, and plot.py not writing its PNGs."""
+    argv = SYNTHETIC + ["--models=base:tiny,sft:tiny", f"--out={tmp_path}"]
+    rows = judge.main(argv)
+    file = tmp_path / "samples" / "sft.jsonl"
+    samples = judge.read_jsonl(file)
+    assert len(samples) == 4 * 2
+    fields = {"prompt", "response", "chosen", "model", "path", "step", "temperature", "seed"}
+    assert all(fields <= set(r) and "\n\nHuman:" not in r["response"] for r in samples)
+    assert [(r["model"], r["temperature"], r["n"], r["wins"] + r["losses"] + r["invalid"]) for r in rows] == [
+        (m, t, 4, 4) for m in ("base", "sft") for t in (0.5, 1.0)]
+    assert all(0 <= r["ci_low"] <= r["win_rate"] <= r["ci_high"] <= 1 for r in rows)
+
+    file.write_text("".join(json.dumps(r) + "\n" for r in samples[:3]))  # as if interrupted after 3 answers
+    generated = []
+    generate = model.GPT.generate
+    spy = lambda self, prompts, *a, **k: generated.extend(prompts) or generate(self, prompts, *a, **k)  # noqa: E731
+    monkeypatch.setattr(model.GPT, "generate", spy)
+    judge.main(argv)
+    assert len(generated) == 8 - 3, f"resumed run generated {len(generated)} answers, 5 were missing"
+    assert judge.read_jsonl(file)[:3] == samples[:3] and len(judge.read_jsonl(file)) == 8
+
+    monkeypatch.setattr(model, "load_model", lambda path: pytest.fail(f"loaded {path}: samples should be reused"))
+    judge.main(argv)
+
+    metrics = tmp_path / "dpo_run" / "metrics.jsonl"
+    metrics.parent.mkdir()
+    metrics.write_text("".join(json.dumps({"step": s, "split": split, "loss": 0.7 - s / 100, "reward_accuracy": 0.6,
+                                           "reward_margin": s / 10}) + "\n"
+                               for s in (1, 2, 3) for split in ("train", "eval")))
+    plot.main([f"--out={tmp_path}", f"--runs={metrics.parent}", f"--sizes={tmp_path}/none"])
+    for name in ("fig3_temperature.png", "training.png"):
+        assert (tmp_path / name).stat().st_size > 1000, name
+
+
+def test_dpo_steps_give_figure_3_right(tmp_path):
+    """Catches: intermediate checkpoints not found or not told apart (their step missing from the rows), and
+    the win-rate-vs-step figure not drawn."""
+    for step in (200, 100):
+        model.save_model(model.GPT(model.PRESETS["tiny"]), tmp_path / "dpo" / f"step_{step:06d}", {"step": step})
+    rows = judge.main(SYNTHETIC + ["--models=sft:tiny", f"--dpo_steps={tmp_path / 'dpo'}", f"--out={tmp_path}",
+                                   "--temperatures=0.5"])
+    assert [(r["model"], r["step"]) for r in rows] == [
+        ("sft", None), (judge.STEPS_MODEL, 100), (judge.STEPS_MODEL, 200)]
+    plot.main([f"--out={tmp_path}", "--runs=", f"--sizes={tmp_path}/none"])
+    assert (tmp_path / "fig3_steps.png").stat().st_size > 1000
