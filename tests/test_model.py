@@ -259,3 +259,13 @@ def test_parse_settings(capsys):
     with pytest.raises(SystemExit):
         model.parse_settings(_Demo, ["--help"])
     assert "learning rate" in capsys.readouterr().out
+
+
+def test_sampling_frequencies_match_the_softmax():
+    """The inverse-CDF sampler must draw each token with its softmax probability (catches an off-by-one in
+    searchsorted, or u drawn from the wrong range)."""
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3])
+    logits = probs.log().repeat(40_000, 1)
+    draws = model.sample_next(logits, 1.0, None, None, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=4).float() / len(draws)
+    assert (freq - probs).abs().max() < 0.01, f"frequencies {freq.tolist()} vs probabilities {probs.tolist()}"
