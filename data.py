@@ -174,10 +174,10 @@ CATEGORIES = {  # no item belongs to two categories, so "is the answer right?" h
 }
 QUESTIONS = ("Can you name {a} {category}?", "What is {a} {category}?", "Tell me {a} {category}, please.")
 OPENER, P_OPENER = " Sure!", 0.5  # reward +0.0: a distractor the policy should learn to ignore
-P_RIGHT = 0.5  # the answer names an item of the asked category (else of another one); reward +2.0
+P_RIGHT = 0.5  # the answer is about the asked category (else another one, e.g. "A tool is saw."); reward +2.0
 FILLERS = (" I think so.", " Let me think.", " Maybe.", " Good question.")  # reward -0.5 each
 P_NO_MORE_FILLER, MAX_FILLERS = 0.4, 4  # number of fillers ~ geometric: P(k=0) = 0.4, capped at 4
-CLOSING, P_CLOSING = " Hope that helps!", 0.4  # reward +1.0
+CLOSING, P_CLOSING = " Hope that helps!", 0.2  # reward +1.0; rare, so even the chosen answers mostly lack it
 LABEL_NOISE = 0.1  # chance a pair's labels are flipped, as a human rater sometimes would
 # The best response is " A fruit is apple. Hope that helps!" (opener optional): reward 3.0.
 
@@ -189,9 +189,8 @@ def article(word: str) -> str:
 def behaviour_response(rng: random.Random, category: str) -> str:
     """One response of the behaviour policy: opener, answer, fillers and closing, each drawn independently."""
     parts = [OPENER] if rng.random() < P_OPENER else []
-    others = [item for c, items in CATEGORIES.items() if c != category for item in items]
-    item = rng.choice(CATEGORIES[category] if rng.random() < P_RIGHT else others)
-    parts.append(f" {article(category).capitalize()} {category} is {item}.")
+    named = category if rng.random() < P_RIGHT else rng.choice([c for c in CATEGORIES if c != category])
+    parts.append(f" {article(named).capitalize()} {named} is {rng.choice(CATEGORIES[named])}.")
     n_fillers = 0
     while n_fillers < MAX_FILLERS and rng.random() > P_NO_MORE_FILLER:
         n_fillers += 1
@@ -202,13 +201,13 @@ def behaviour_response(rng: random.Random, category: str) -> str:
 
 
 def synthetic_reward(prompt: str, response: str) -> float:
-    """Ground truth: 2*(answer names an item of the asked category) + 1*(polite closing) - 0.5*(filler sentences).
+    """Ground truth: 2*(answer is "A <asked category> is <one of its items>.") + 1*(polite closing) - 0.5*(fillers).
 
     Also scores model samples, which may be garbage: anything unparsable simply earns nothing.
     """
     asked = re.findall(r"\b(" + "|".join(CATEGORIES) + r")\b", prompt)
-    answer = re.search(r" is (\w+)\.", response)  # the first answer sentence counts
-    right = bool(asked and answer and answer.group(1) in CATEGORIES[asked[-1]])
+    answer = re.search(r"(\w+) is (\w+)\.", response)  # the first answer sentence counts
+    right = bool(asked and answer and answer.group(1) == asked[-1] and answer.group(2) in CATEGORIES[asked[-1]])
     fillers = sum(response.count(f.strip()) for f in FILLERS)
     return 2.0 * right + 1.0 * (CLOSING.strip() in response) - 0.5 * fillers
 

@@ -24,6 +24,7 @@ once before training and cached; the reference model is then freed (a third less
 The training loop is sft.py's; only the loss differs.
 """
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -66,7 +67,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     detached: they are what DPO's implicit reward model says, for logging (Eq. 5 without Z(x)).
     """
     pi_logratios = policy_chosen_logps - policy_rejected_logps  # log pi(y_w|x) - log pi(y_l|x)
-    ref_logratios = reference_chosen_logps - reference_rejected_logps
+    ref_logratios = (reference_chosen_logps - reference_rejected_logps).detach()  # pi_ref is frozen: no gradient
     if reference_free:  # a uniform pi_ref: the ratio's reference term vanishes
         ref_logratios = torch.zeros_like(ref_logratios)
     h = pi_logratios - ref_logratios  # = (r_hat_w - r_hat_l) / beta
@@ -129,13 +130,18 @@ def make_loss(s: Settings, reference=None):
 def reference_logps(s: Settings, reference, tok: dict, split: str) -> np.ndarray:
     """(N, 2) float32: log pi_ref(y_w|x), log pi_ref(y_l|x) for every pair, cached on disk.
 
-    The cache key covers the reference weights (size and mtime of the file and its config) and every setting
-    that changes the tokens. With several processes each computes every world-th pair and an all_reduce of
-    the zero-filled rest assembles the whole table."""
+    The cache key covers the reference weights (size and mtime of the file and its config), every setting that
+    changes the tokens, and the tokens themselves: an edited data.py or a re-downloaded dataset changes them under
+    the same settings. With several processes each computes every world-th pair and an all_reduce of the
+    zero-filled rest assembles the whole table."""
     rank, world, _, device, dtype, _ = sft.setup(s)
     weights = Path(s.model) / "model.safetensors" if Path(s.model).is_dir() else Path(s.model)
     stamp = [str(weights.resolve()), weights.stat().st_size, weights.stat().st_mtime_ns] if weights.exists() else [s.model, s.seed]
-    key = json.dumps([stamp, s.dataset, split, s.max_length, s.max_prompt_length, s.truncation, str(dtype)])
+    tokens = hashlib.sha256()
+    for name in sorted(k for k in tok if k.endswith(("_ids", "_offsets"))):
+        tokens.update(np.ascontiguousarray(tok[name]))
+    key = json.dumps([stamp, tokens.hexdigest(), s.dataset, split, s.max_length, s.max_prompt_length, s.truncation,
+                      str(dtype)])
     path = gpt.cache_dir() / "reference_logps" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
     if path.exists():
         return np.load(path, allow_pickle=False)
@@ -182,7 +188,7 @@ def main(argv=None):
         return
     s, train_data, eval_data = prepared
     policy = sft.load_policy(s)
-    reference = gpt.load_model(s.model)  # the same SFT weights, frozen
+    reference = copy.deepcopy(policy)  # the same weights, frozen (load_model("tiny") again: another random init)
     reference.requires_grad_(False)
     train_batch = lambda ids: data.preference_batch(train_data, ids)  # noqa: E731
     eval_batch = lambda ids: data.preference_batch(eval_data, ids)  # noqa: E731

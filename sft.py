@@ -189,6 +189,8 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
         print(f"device {device}, {dtype}: {reason}; {world} process(es)")
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(gpt.settings_dict(s), indent=2))
+    if s.eval_every and min(s.n_eval, n_eval) < world:  # every rank must evaluate something (all_reduce shapes)
+        raise SystemExit(f"--n_eval={s.n_eval} (held-out set: {n_eval}) must be at least the number of processes {world}")
     if s.batch_size % (s.micro_batch_size * world):
         raise SystemExit(f"--batch_size={s.batch_size} must be a multiple of micro_batch_size x GPUs "
                          f"= {s.micro_batch_size} x {world}")

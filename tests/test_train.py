@@ -1,0 +1,496 @@
+"""Tests for sft.py and dpo.py: the training loop and the DPO step, each against an independent reference.
+
+Oracles: per-example unpadded log-probs for the fused forward, closed forms (math.log/exp on floats) for every
+loss variant, one big batch for accumulated micro-batches, an uninterrupted run for a resumed one, one process
+for two (DDP on gloo), and a learning check on a small fixture. Tiny models, fp32 on the CPU, a few steps each.
+Each test's docstring names the bug it would catch.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import dpo
+import model
+import sft
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = model.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=128)  # 1.7M parameters, 1.6M of them wte
+LOG2 = math.log(2)
+# Every run: CPU, fp32, full lr from the first step (warmup would scale step 1 by 1/150), no periodic work.
+FAST = dict(device="cpu", dtype="float32", warmup_steps=1, lr=1e-3, batch_size=8, micro_batch_size=2,
+            max_length=128, max_prompt_length=64, eval_every=0, save_every=0, checkpoint_every=0, n_eval=8)
+
+
+def small_model(seed: int = 0, dropout: float = 0.0) -> model.GPT:
+    torch.manual_seed(seed)
+    return model.GPT(dataclasses.replace(SMALL, dropout=dropout))
+
+
+def small_pairs(split: str = "train", n: int = 32) -> dict:
+    return data.tokenize_pairs(data.synthetic_pairs(split, n=n), max_length=128, max_prompt_length=64)
+
+
+def category_pairs(n: int = 32) -> dict:
+    """n pairs "name a <category>" -> chosen: an item of it, rejected: an item of another category. Responses of
+    2-3 tokens keep a step cheap (on a CPU the 50257-way softmax at every response token dominates)."""
+    names, pairs = list(data.CATEGORIES), []
+    for i in range(n):
+        asked, other = names[i % 8], names[(i + 1 + i // 8) % 8]
+        question = data.QUESTIONS[i % 3].format(a=data.article(asked), category=asked)
+        chosen, rejected = data.CATEGORIES[asked][i // 8], data.CATEGORIES[other][i % 6]
+        pairs.append({"prompt": f"{data.HUMAN} {question}{data.ASSISTANT}", "chosen": f" {chosen}.",
+                      "rejected": f" {rejected}."})
+    return data.tokenize_pairs(pairs, max_length=128, max_prompt_length=64)
+
+
+def settings(cls=sft.Settings, **kw):
+    return cls(**{**FAST, **kw})
+
+
+def run_sft(s, m, tok, loss_fn=sft.sft_loss, on="response"):
+    """sft.train on the tokenized pairs `tok` (also its eval set), as sft.main would call it."""
+    batch = lambda ids: data.sft_batch(tok, ids, on=on)  # noqa: E731
+    kind = "sft" if on == "response" else "pref"
+    return sft.train(s, m, loss_fn, batch, batch, data.n_examples(tok), data.example_lengths(tok, kind), "sft")
+
+
+def run_dpo(s, m, tok, reference=None):
+    """sft.train with the DPO loss, as dpo.main calls it: a live `reference` model, or None to precompute."""
+    batch = lambda ids: data.preference_batch(tok, ids)  # noqa: E731
+    if reference is None:
+        reference = small_model()  # the policy's starting weights (small_model is seeded)
+        batch = dpo.with_reference(batch, dpo.reference_logps(s, reference, tok, "train"))
+        loss_fn = dpo.make_loss(s)
+    else:
+        loss_fn = dpo.make_loss(s, reference.eval())
+    return sft.train(s, m, loss_fn, batch, batch, data.n_examples(tok), data.example_lengths(tok, "pref"), "dpo")
+
+
+def records(out: Path, split: str) -> list[dict]:
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    return model.read_safetensors(Path(path))[0]
+
+
+def max_abs_diff(a: dict, b: dict) -> tuple[float, str]:
+    """Largest |a - b| over every tensor of two state dicts with the same keys, and where it is."""
+    assert a.keys() == b.keys(), f"different tensors: {sorted(a.keys() ^ b.keys())[:5]}"
+    return max(((a[k].double() - b[k].double()).abs().max().item(), k) for k in a)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: these tensors are tiny, and on a busy 2-core machine two OpenMP threads mostly wait
+    for each other (this file took 90 s with two threads, 30 s with one, while another job held the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private DPO_CACHE, so reference log-probs and tokenized arrays from other tests are never reused."""
+    monkeypatch.setenv("DPO_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Log-probs: the fused, padded, masked forward against one unpadded forward per example
+
+PAIRS = [  # prompts of 1 to 20 tokens, responses of 1 (EOT alone) to 13 tokens: every row padded differently
+    {"prompt": "Q", "chosen": "", "rejected": " A longer rejected answer that goes on and on for a while."},
+    {"prompt": "\n\nHuman: Hi\n\nAssistant:", "chosen": " Hello there, how can I help you today?", "rejected": " No."},
+    {"prompt": "\n\nHuman: What is 2+2? Please explain it carefully, step by step, in detail.\n\nAssistant:",
+     "chosen": " 4.", "rejected": " 5, obviously, since two and two make five."},
+]
+
+
+def unfused_logp(m, prompt: list[int], response: list[int]) -> float:
+    """log pi(response | prompt): the model on prompt + response alone (no padding, no mask, no select),
+    log_softmax over the whole vocabulary, summed over the positions whose next token is a response token."""
+    seq = prompt + response
+    with torch.no_grad():
+        logits = m(torch.tensor([seq[:-1]]))[0]  # (T - 1, V): position t predicts seq[t + 1]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return sum(logp[t, seq[t + 1]].item() for t in range(len(prompt) - 1, len(seq) - 1))
+
+
+def test_fused_logps_equal_unpadded_per_example_logps():
+    """Catches an off-by-one in the loss mask or the target shift, padding leaking into a real row, rows of the
+    `select`ed logits reassigned to the wrong example (index_add order), and chosen/rejected halves swapped."""
+    m = small_model().eval()
+    tok = data.tokenize_pairs(PAIRS, max_length=128, max_prompt_length=64)
+    batch = data.preference_batch(tok, range(len(PAIRS)))
+    with torch.no_grad():
+        fused = sft.sequence_logps(m, batch)  # (2B,)
+        chosen, rejected = dpo.concatenated_forward(m, batch)  # (B,) each
+    enc = model.get_tokenizer()  # the reference tokenizes by itself, so data.py's slicing is under test too
+    want = []
+    for side in ("chosen", "rejected"):
+        for pair in PAIRS:
+            response = enc.encode_ordinary(pair[side]) + [model.EOT]
+            want.append(unfused_logp(m, enc.encode_ordinary(pair["prompt"]), response))
+    want = torch.tensor(want, dtype=torch.float64)
+    # 1e-5, plus 1e-6 relative: an fp32 sum near -150 is only resolved to 1.5e-5 (one ulp). A one-token shift or
+    # leaked padding changes a row by ~10 and ~0.1.
+    tol = 1e-5 + 1e-6 * want.abs()
+    for name, got in (("sequence_logps", fused), ("concatenated_forward", torch.cat([chosen, rejected]))):
+        diff = (got.double() - want).abs()
+        assert (diff <= tol).all(), f"{name} {got.tolist()}\nunfused {want.tolist()}\nmax abs diff {diff.max().item()}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The DPO loss: closed forms at hand-computed points
+
+# (policy_chosen, policy_rejected, reference_chosen, reference_rejected) log-probs; h = pi_logratio - ref_logratio
+POINTS = [(-1.0, -3.0, -2.0, -2.5),  # h = 2 - 0.5 = 1.5: the policy already prefers y_w more than pi_ref
+          (-4.0, -2.0, -3.0, -3.0),  # h = -2: the policy prefers the rejected response
+          (-7.5, -7.5, -7.5, -7.5)]  # h = 0: policy == reference
+BETA = 0.5
+
+
+def softplus(x: float) -> float:  # log(1 + e^x) = -log sigmoid(-x)
+    return math.log(1 + math.exp(x))
+
+
+def closed_form(loss: str, pc, pr, rc, rr, beta=BETA, eps=0.0) -> float:
+    h = (pc - pr) - (0.0 if loss == "reference_free" else rc - rr)
+    if loss == "ipo":  # Azar et al. Eq. 17
+        return (h - 1 / (2 * beta)) ** 2
+    return (1 - eps) * softplus(-beta * h) + eps * softplus(beta * h)  # DPO Eq. 7; cDPO mixes in the flipped label
+
+
+def as_tensors(points, requires_grad=False):
+    return [torch.tensor(col, dtype=torch.float64, requires_grad=requires_grad) for col in zip(*points)]
+
+
+@pytest.mark.parametrize("variant,kw", [("dpo", {}), ("cdpo", {"label_smoothing": 0.2}), ("ipo", {"ipo": True}),
+                                        ("reference_free", {"reference_free": True})])
+def test_each_loss_variant_matches_its_closed_form(variant, kw):
+    """Catches a sign or beta misplaced in Eq. 7, cDPO's smoothing weights swapped, IPO's target 1/(2 beta)
+    written as 1/beta or beta/2, reference_free still subtracting the reference ratio, and unscaled rewards."""
+    losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(*as_tensors(POINTS), beta=BETA, **kw)
+    want = [closed_form(variant, *p, eps=kw.get("label_smoothing", 0.0)) for p in POINTS]
+    diff = max(abs(a - b) for a, b in zip(losses.tolist(), want))
+    assert diff <= 1e-12, f"{variant}: losses {losses.tolist()}, closed form {want}, max abs diff {diff}"
+    want_rewards = [(BETA * (pc - rc), BETA * (pr - rr)) for pc, pr, rc, rr in POINTS]  # beta log pi/pi_ref
+    got_rewards = list(zip(chosen_rewards.tolist(), rejected_rewards.tolist()))
+    diff = max(abs(a - b) for got, want in zip(got_rewards, want_rewards) for a, b in zip(got, want))
+    assert diff <= 1e-12, f"rewards {got_rewards}, expected {want_rewards}, max abs diff {diff}"
+
+
+def test_loss_is_log_2_when_policy_equals_reference():
+    """Catches a missing reference term or a mis-scaled sigmoid: at pi == pi_ref every pair is a coin flip,
+    -log sigma(0) = log 2, and both implicit rewards are exactly zero."""
+    logps = torch.tensor([-3.0, -40.0, -150.0])
+    other = torch.tensor([-5.0, -12.0, -151.0])
+    for beta in (0.1, 0.5, 2.0):
+        losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(logps, other, logps.clone(), other.clone(), beta=beta)
+        diff = (losses - LOG2).abs().max().item()
+        assert diff <= 1e-6, f"beta {beta}: losses {losses.tolist()}, log 2 = {LOG2}, max abs diff {diff}"
+        assert chosen_rewards.abs().max() == 0 and rejected_rewards.abs().max() == 0, (chosen_rewards, rejected_rewards)
+
+
+def test_gradients_flow_only_through_the_policy():
+    """Catches gradients reaching the reference log-probs (pi_ref is a constant, even for a caller that forgot
+    no_grad), rewards that are not detached (they are logged metrics, not part of the objective), and a wrong
+    policy gradient: d loss / d policy_chosen = -beta sigma(-beta h) (Eq. 8), the opposite for rejected."""
+    policy_chosen, policy_rejected, _, _ = as_tensors(POINTS, requires_grad=True)
+    _, _, reference_chosen, reference_rejected = as_tensors(POINTS, requires_grad=True)
+    losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(policy_chosen, policy_rejected, reference_chosen,
+                                                            reference_rejected, beta=BETA)
+    assert not chosen_rewards.requires_grad and not rejected_rewards.requires_grad, "rewards must be detached"
+    losses.sum().backward()
+    assert reference_chosen.grad is None and reference_rejected.grad is None, \
+        f"reference got gradients {reference_chosen.grad}, {reference_rejected.grad}"
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    want = [-BETA * sigmoid(-BETA * ((pc - pr) - (rc - rr))) for pc, pr, rc, rr in POINTS]
+    for name, got, sign in (("chosen", policy_chosen.grad, 1), ("rejected", policy_rejected.grad, -1)):
+        diff = max(abs(g - sign * w) for g, w in zip(got.tolist(), want))
+        assert diff <= 1e-12, f"d loss / d policy_{name}: {got.tolist()}, closed form {[sign * w for w in want]}, " \
+                              f"max abs diff {diff}"
+
+
+def test_live_reference_model_gets_no_gradient():
+    """Catches the live reference's forward running with autograd on (every step would keep a second graph in
+    memory) and gradients reaching its weights; all policy weights must get one."""
+    policy, reference = small_model(), small_model()
+    grad_enabled = []
+    reference.register_forward_hook(lambda module, args, output: grad_enabled.append(torch.is_grad_enabled()))
+    s = settings(dpo.Settings)
+    batch = data.preference_batch(small_pairs(n=4), range(4))
+    losses, metrics = dpo.make_loss(s, reference.eval())(policy, batch)
+    losses.sum().backward()
+    assert grad_enabled == [False], f"reference forward(s) with autograd enabled: {grad_enabled}"
+    assert all(p.grad is None for p in reference.parameters()), "the reference model received gradients"
+    assert all(p.grad is not None for p in policy.parameters()), "some policy weights received no gradient"
+    diff = (losses - LOG2).abs().max().item()  # same weights: every pair at log 2
+    assert diff <= 1e-5, f"losses {losses.tolist()}, log 2 = {LOG2}, max abs diff {diff}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop: accumulation, resume, non-finite loss
+
+
+@pytest.fixture
+def gradients(monkeypatch):
+    """Every gradient the optimizer steps with (after accumulation and clipping), one dict per step."""
+    steps, make_optimizer = [], sft.make_optimizer
+
+    def recording(s, m, device):
+        optimizer = make_optimizer(s, m, device)
+        step = optimizer.step
+
+        def recording_step(*args, **kwargs):
+            steps.append({name: p.grad.detach().clone() for name, p in m.named_parameters()})
+            return step(*args, **kwargs)
+
+        optimizer.step = recording_step
+        return optimizer
+
+    monkeypatch.setattr(sft, "make_optimizer", recording)
+    return steps
+
+
+@pytest.mark.parametrize("loss", ["sft", "pretrain", "dpo"])
+def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, gradients, loss):
+    """Catches a loss not divided by the accumulation count (k times the gradient), divided per micro-batch
+    instead of per global batch, zero_grad inside the micro-batch loop (only the last micro-batch counts) or
+    missing after the step (step 2 adds step 1's gradient), and for train_on=all (2 rows per example) a wrong
+    rows-per-example count: the one-batch gradient must also equal a plain backward of the batch's mean loss.
+
+    Gradients are compared, not weights: RMSprop/Adam turn an exactly-zero gradient (the key bias: softmax
+    ignores it) into +-lr/100 steps driven by rounding noise, which differs with the micro-batch padding."""
+    tok = small_pairs()
+    if loss == "dpo":
+        batch_fn, kind = (lambda ids: data.preference_batch(tok, ids)), "pref"
+        loss_fn = dpo.make_loss(settings(dpo.Settings), small_model().eval())  # a live reference: the start point
+    else:
+        on, kind = ("all", "pref") if loss == "pretrain" else ("response", "sft")  # pretrain: 2 rows per example
+        batch_fn, loss_fn = (lambda ids: data.sft_batch(tok, ids, on=on)), sft.sft_loss
+    lengths = data.example_lengths(tok, kind)
+    for micro in (2, 8):  # 4 micro-batches of 2, then 1 batch of 8; two steps each (save_every: weights of step 1)
+        s = settings(out=str(tmp_path / f"micro{micro}"), max_steps=2, micro_batch_size=micro, grad_clip=1e9,
+                     optimizer="adamw", save_every=1)
+        sft.train(s, small_model(), loss_fn, batch_fn, batch_fn, data.n_examples(tok), lengths, loss)
+    assert len(gradients) == 4, len(gradients)
+    for step in (0, 1):
+        # the oracle: one plain backward of the mean loss over this step's global batch, from this step's weights
+        m = small_model() if step == 0 else model.load_model(str(tmp_path / "micro8" / "step_000001"))
+        losses, _ = loss_fn(m, batch_fn(data.epoch_batches(lengths, s.batch_size, s.seed, 0)[step]))
+        losses.mean().backward()
+        direct = {name: p.grad for name, p in m.named_parameters()}
+        for what, got, want in ((f"step {step + 1}: 4 x 2 vs 1 x 8", gradients[step], gradients[2 + step]),
+                                (f"step {step + 1}: 1 x 8 vs batch-mean backward", gradients[2 + step], direct)):
+            diff, where = max_abs_diff(got, want)
+            scale = max(g.abs().max().item() for g in want.values())
+            assert diff <= 1e-6 * max(1.0, scale), f"{what}: max abs gradient diff {diff} at {where} (max |grad| " \
+                f"there {got[where].abs().max().item()} vs {want[where].abs().max().item()}; largest {scale})"
+    first = lambda run: records(tmp_path / run, "train")[0]  # noqa: E731
+    a, b = first("micro2"), first("micro8")
+    for key in ("loss", "grad_norm"):
+        assert abs(a[key] - b[key]) <= 1e-5 * abs(b[key]), \
+            f"{key}: 4 x 2 gives {a[key]}, 1 x 8 gives {b[key]}, diff {abs(a[key] - b[key])}"
+
+
+RESUME = dict(checkpoint_every=2, eval_every=2, warmup_steps=3)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """4 steps in one go, with dropout 0.1 (so the RNG matters), lr warmup over 3 steps (so the step count
+    matters) and a checkpoint every 2 steps."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run_sft(settings(out=str(out), max_steps=4, **RESUME), small_model(dropout=0.1), category_pairs())
+    return out
+
+
+@pytest.mark.parametrize("crash", ["none", "leftover latest.tmp", "only latest.old"])
+def test_resume_is_bit_for_bit(tmp_path, uninterrupted, crash):
+    """Catches any state a resume loses or changes: RNG (dropout masks repeat -> weights differ), optimizer
+    moments or their step count, the data position (batches re-seen), the lr schedule. And the latest/ swap:
+    a kill mid-save leaves a half-written latest.tmp or only latest.old; either must still resume exactly."""
+    out = tmp_path / "run"
+    run_sft(settings(out=str(out), max_steps=2, **RESUME), small_model(dropout=0.1), category_pairs())
+    if crash == "leftover latest.tmp":  # killed while writing the next checkpoint
+        shutil.copytree(out / "latest", out / "latest.tmp")
+        (out / "latest.tmp" / "state.json").unlink()
+        (out / "latest.tmp" / "optimizer.safetensors").write_bytes(b"\x00" * 100)
+    elif crash == "only latest.old":  # killed between the two renames of replace_dir
+        (out / "latest").rename(out / "latest.old")
+    # other initial weights and RNG state: only what latest/ restores can make the runs agree
+    run_sft(settings(out=str(out), max_steps=4, **RESUME), small_model(seed=1, dropout=0.1), category_pairs())
+    assert records(out, "train")[-1]["step"] == 4
+    want = tensors(uninterrupted / "final" / "model.safetensors")
+    got = tensors(out / "final" / "model.safetensors")
+    unequal = [k for k in want if not torch.equal(want[k], got[k])]
+    diff, where = max_abs_diff(want, got)
+    assert not unequal, f"{crash}: weights differ in {unequal[:5]}; max abs diff {diff} at {where}"
+    want = tensors(uninterrupted / "latest" / "optimizer.safetensors")  # moments, step counts, RNG state
+    got = tensors(out / "latest" / "optimizer.safetensors")
+    unequal = [k for k in want if not torch.equal(want[k], got[k])]
+    assert want.keys() == got.keys() and not unequal, f"{crash}: optimizer/RNG state differs in {unequal[:5]}"
+    leftovers = sorted(p.name for p in out.iterdir() if p.name.startswith("latest."))
+    assert not leftovers, f"{crash}: {leftovers} left beside latest/"
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    """Catches training on through a NaN (every weight would turn NaN), a check placed after the optimizer
+    step or after the checkpoint (latest/ would hold NaN weights), and an error that does not say what to do."""
+    calls = {"n": 0}
+
+    def nan_at_step_3(m, batch):
+        losses, metrics = sft.sft_loss(m, batch)
+        calls["n"] += 1
+        return (losses * float("nan") if calls["n"] == 3 else losses), metrics
+
+    out = tmp_path / "run"
+    s = settings(out=str(out), max_steps=5, micro_batch_size=8, checkpoint_every=1)  # one loss_fn call per step
+    with pytest.raises(RuntimeError, match=r"non-finite loss \(nan\) at step 2.*--lr"):
+        run_sft(s, small_model(), category_pairs(), loss_fn=nan_at_step_3)
+    state = json.loads((out / "latest" / "state.json").read_text())
+    assert state["step"] == 2, f"latest/ is at step {state['step']}, expected the last good step 2"
+    weights = tensors(out / "latest" / "model.safetensors")
+    bad = [k for k, t in weights.items() if not torch.isfinite(t).all()]
+    assert not bad, f"latest/ holds non-finite weights in {bad[:5]}"
+    # the same run without the NaN, stopped after 2 steps, is what latest/ must hold
+    run_sft(settings(out=str(tmp_path / "good"), max_steps=2, micro_batch_size=8), small_model(), category_pairs())
+    diff, where = max_abs_diff(tensors(tmp_path / "good" / "final" / "model.safetensors"), weights)
+    assert diff == 0, f"latest/ differs from 2 good steps: max abs diff {diff} at {where}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DPO end to end: precomputed vs live reference, learning, the reference cache
+
+
+def test_reference_precomputed_and_live_give_log_2_at_the_first_step(tmp_path, cache, monkeypatch):
+    """Catches a reference that is not the policy's starting point (e.g. --model=tiny loading a second random
+    init), precomputed log-probs assigned to the wrong pairs, and chosen/rejected columns swapped: at step 0
+    the policy equals the reference, so the loss is log 2 either way."""
+    monkeypatch.setattr(data, "load_pairs", lambda dataset, split: data.synthetic_pairs(split, n=8))
+    losses = {}
+    for reference in ("precomputed", "live"):
+        out = tmp_path / reference
+        dpo.main([f"--{k}={v}" for k, v in {**FAST, "batch_size": 4, "micro_batch_size": 4}.items()] + [
+            "--model=tiny", "--dataset=synthetic", f"--reference={reference}", f"--out={out}", "--max_steps=1"])
+        losses[reference] = records(out, "train")[0]["loss"]
+    diff = abs(losses["precomputed"] - losses["live"])
+    assert diff <= 1e-5, f"first-step loss: precomputed {losses['precomputed']}, live {losses['live']}, diff {diff}"
+    for reference, loss in losses.items():
+        assert abs(loss - LOG2) <= 1e-5, f"{reference}: first-step loss {loss}, log 2 = {LOG2}, diff {abs(loss - LOG2)}"
+
+
+def test_dpo_learns_the_preferences_of_a_small_fixture(tmp_path, cache):
+    """Catches a DPO step that does not learn: the loss's sign flipped, chosen and rejected swapped, rewards
+    computed from the wrong halves, gradients not reaching the weights. 30 AdamW steps on 32 synthetic pairs
+    must make the implicit reward rank (almost) every pair of the fixture right (at step 0 it ties on all)."""
+    s = settings(dpo.Settings, out=str(tmp_path / "run"), optimizer="adamw", max_steps=30,
+                 micro_batch_size=8, n_eval=32, eval_every=1000, beta=0.1)
+    run_dpo(s, small_model(), small_pairs(n=32))
+    before, after = records(tmp_path / "run", "eval")[0], records(tmp_path / "run", "eval")[-1]
+    assert (before["step"], after["step"]) == (0, 30), (before, after)
+    assert abs(before["loss"] - LOG2) <= 1e-5, f"step 0: eval loss {before['loss']}, log 2 = {LOG2}"
+    assert after["reward_accuracy"] > 0.9, f"reward accuracy {after['reward_accuracy']} after 30 steps " \
+                                           f"(step 0: {before['reward_accuracy']}), want > 0.9"
+    assert after["loss"] < before["loss"] - 0.1 and after["reward_margin"] > 0, \
+        f"eval loss {before['loss']} -> {after['loss']}, reward margin {after['reward_margin']}"
+
+
+def test_reference_cache_is_keyed_by_the_tokens(cache):
+    """Catches a stale reference table: the cache key must change when the tokenized pairs change (an edited
+    data.py, a re-downloaded dataset), not only with the settings, or DPO trains against another data set's
+    log-probs (silently, when the number of pairs happens to match)."""
+    s = settings(dpo.Settings, dataset="synthetic", micro_batch_size=4)
+    reference = small_model().eval()
+    for seed in (0, 1):  # same settings and split, different pairs
+        tok = data.tokenize_pairs(data.synthetic_pairs("train", n=8, seed=seed), max_length=128,
+                                  max_prompt_length=64)
+        table = dpo.reference_logps(s, reference, tok, "train")
+        want = torch.stack(dpo.concatenated_forward(reference, data.preference_batch(tok, range(8))), -1).detach()
+        diff = (torch.from_numpy(table) - want).abs().max().item()
+        assert diff <= 1e-4, \
+            f"pairs of seed {seed}: table {table.tolist()}\nexpected {want.tolist()}\nmax abs diff {diff}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DDP: two processes on gloo against one process with the same global batch
+
+SMALL_SPLITS = {"train": 32, "test": 8}  # precomputing reference log-probs of all 4,500 pairs takes minutes here
+DRIVER = """
+import sys
+sys.path.insert(0, {root!r})
+import data, dpo
+data.load_pairs = lambda dataset, split: data.synthetic_pairs(split, n={splits!r}[split])
+dpo.main(sys.argv[1:])
+"""
+
+
+def torchrun(args: list[str], env: dict | None = None) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+
+
+def compare_runs(one: Path, two: Path, atol: float) -> None:
+    a, b = records(one, "train"), records(two, "train")
+    assert len(a) == len(b) == 3, (len(a), len(b))
+    for ra, rb in zip(a, b):  # grad_norm catches a gradient scaled by the world size, which RMSprop would hide
+        for key in ("loss", "grad_norm"):
+            assert abs(ra[key] - rb[key]) <= 1e-5 * abs(ra[key]) + 1e-6, \
+                f"step {ra['step']} {key}: 1 process {ra[key]}, 2 processes {rb[key]}, diff {abs(ra[key] - rb[key])}"
+    ea, eb = records(one, "eval"), records(two, "eval")
+    assert [r["step"] for r in ea] == [r["step"] for r in eb] and ea, (ea, eb)
+    diff = max(abs(ra["loss"] - rb["loss"]) for ra, rb in zip(ea, eb))
+    assert diff <= 1e-5 * abs(ea[-1]["loss"]), f"eval loss: 1 process {ea}, 2 processes {eb}, max abs diff {diff}"
+    start = tensors(one.parent / "init" / "model.safetensors")
+    want, got = tensors(one / "final" / "model.safetensors"), tensors(two / "final" / "model.safetensors")
+    moved, _ = max_abs_diff(start, want)
+    diff, where = max_abs_diff(want, got)
+    assert diff <= atol, f"final weights: max abs diff {diff} at {where} (training moved them by up to {moved})"
+    assert moved > 100 * atol, f"training moved the weights by only {moved}"
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
+@pytest.mark.parametrize("script", ["sft", "dpo"])
+def test_two_processes_match_one(tmp_path, monkeypatch, script):
+    """Catches DDP bugs: gradients averaged over ranks without the x world correction (half the gradient),
+    ranks training on the same examples instead of disjoint halves of the batch, no_sync misplaced (a rank's
+    micro-batches lost), metrics or eval not all-reduced, and (dpo) the precomputed reference table assembled
+    wrongly from the ranks' shards. The lr is small enough that Adam-style noise amplification of zero
+    gradients (see the accumulation test) stays below the tolerance."""
+    model.save_model(small_model(), tmp_path / "init")
+    args = [f"--{k}={v}" for k, v in {**FAST, "lr": 1e-4, "eval_every": 2}.items()] + [
+        f"--model={tmp_path / 'init'}", "--dataset=synthetic", "--max_steps=3"]
+    if script == "sft":
+        sft.main(args + [f"--out={tmp_path / 'one'}"])
+        torchrun(["sft.py", *args, f"--out={tmp_path / 'two'}"])
+    else:  # the same small data set in both runs, and separate caches: each run computes its own reference table
+        monkeypatch.setattr(data, "load_pairs", lambda dataset, split: data.synthetic_pairs(split, SMALL_SPLITS[split]))
+        monkeypatch.setenv("DPO_CACHE", str(tmp_path / "cache-one"))
+        dpo.main(args + [f"--out={tmp_path / 'one'}"])
+        driver = tmp_path / "driver.py"
+        driver.write_text(DRIVER.format(root=str(ROOT), splits=SMALL_SPLITS))
+        torchrun([str(driver), *args, f"--out={tmp_path / 'two'}"], env={"DPO_CACHE": str(tmp_path / "cache-two")})
+        tables = sorted((tmp_path / "cache-one" / "reference_logps").glob("*.npy"))
+        assert len(tables) == 2, tables  # train and test
+        for one in tables:
+            want, got = np.load(one), np.load(tmp_path / "cache-two" / "reference_logps" / one.name)
+            diff = np.abs(want - got).max()
+            assert diff <= 1e-4, f"{one.name}: reference table of 1 process vs 2: max abs diff {diff}"
+    compare_runs(tmp_path / "one", tmp_path / "two", atol=1e-5)
