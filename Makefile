@@ -41,7 +41,8 @@ demo: ## the whole pipeline offline on a CPU: tiny GPT, synthetic task, ground-t
 	$(PY) plot.py --out=$(DEMO)/eval --runs=$(DEMO)/sft,$(DEMO)/dpo
 
 data: ## download Anthropic HH-RLHF (~40 MB) and tokenize it
-	$(PY) data.py --dataset=hh
+	$(PY) data.py --dataset=hh --split=train
+	$(PY) data.py --dataset=hh --split=test
 
 sft: $(RUN_DIR)/sft/final/model.safetensors ## supervised fine-tuning on the chosen responses (gpt2: ~1 h on one A100, an estimate)
 $(RUN_DIR)/sft/final/model.safetensors:

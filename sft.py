@@ -150,6 +150,9 @@ def load_checkpoint(directory: Path, model, optimizer) -> int:
     """Restore weights, optimizer state and RNG from save_checkpoint's directory; returns the step."""
     if not (directory / "state.json").exists() and directory.with_name(directory.name + ".old").exists():
         directory = directory.with_name(directory.name + ".old")  # killed mid-swap: the previous one is whole
+    saved = json.loads((directory / "config.json").read_text())["meta"]["settings"]["optimizer"]
+    if saved != type(optimizer).__name__.lower():
+        raise SystemExit(f"{directory} holds {saved} state; resume with --optimizer={saved}, or --resume=false")
     model.load_state_dict(gpt.load_model(str(directory)).state_dict())
     meta = json.loads((directory / "state.json").read_text())
     tensors, _ = gpt.read_safetensors(directory / "optimizer.safetensors")
@@ -324,6 +327,8 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
         if master:
             gpt.save_model(raw_model, out / "final", meta={"stage": stage, "step": step, "settings": settings})
             print(f"saved {out / 'final'}")
+        if world > 1:  # leave together: a rank exiting while another still talks to it aborts the group
+            dist.barrier()
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)

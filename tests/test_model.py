@@ -269,3 +269,19 @@ def test_sampling_frequencies_match_the_softmax():
     draws = model.sample_next(logits, 1.0, None, None, torch.Generator().manual_seed(0))
     freq = torch.bincount(draws, minlength=4).float() / len(draws)
     assert (freq - probs).abs().max() < 0.01, f"frequencies {freq.tolist()} vs probabilities {probs.tolist()}"
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """Recomputing blocks in backward must not change the gradients (catches a checkpointed call that drops the
+    mask argument or runs with different dropout state)."""
+    torch.manual_seed(0)
+    m = GPT(SMALL)
+    idx = torch.randint(0, 97, (2, 16))
+    grads = []
+    for flag in (False, True):
+        m.config.grad_checkpoint = flag
+        m.zero_grad()
+        m(idx).float().logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    diff = max((a - b).abs().max().item() for a, b in zip(*grads))
+    assert diff <= 1e-6, f"max abs gradient difference {diff}"

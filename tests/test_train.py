@@ -494,3 +494,29 @@ def test_two_processes_match_one(tmp_path, monkeypatch, script):
             diff = np.abs(want - got).max()
             assert diff <= 1e-4, f"{one.name}: reference table of 1 process vs 2: max abs diff {diff}"
     compare_runs(tmp_path / "one", tmp_path / "two", atol=1e-5)
+
+
+def test_ctrl_c_saves_latest_and_the_same_command_resumes(tmp_path):
+    """Ctrl-C must finish the step, save latest/ and exit 130; rerunning the command continues from there
+    (catches a handler that exits without saving, or a save that a resume cannot read)."""
+    import signal
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "sft.py", "--dataset=synthetic", "--model=tiny", "--device=cpu", "--dtype=float32",
+           "--batch_size=4", "--micro_batch_size=4", "--eval_every=0", "--checkpoint_every=0", "--optimizer=adamw",
+           f"--out={out}"]
+    proc = subprocess.Popen(cmd + ["--max_steps=1000"], cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    for line in proc.stdout:  # wait until training is under way
+        if "step 3/1000" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, rest[-2000:]
+    saved = json.loads((out / "latest" / "state.json").read_text())["step"]
+    assert saved >= 3 and "interrupted" in rest, rest[-2000:]
+    again = subprocess.run(cmd + [f"--max_steps={saved + 1}"], cwd=ROOT, env=dict(os.environ),
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert f"resumed from {out / 'latest'} at step {saved}" in again.stdout
+    assert json.loads((out / "final" / "config.json").read_text())["meta"]["step"] == saved + 1
