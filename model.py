@@ -431,6 +431,12 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str) -> "GPT":
+        """A hub preset ("gpt2" ... "gpt2-xl", downloaded), "tiny", a .safetensors file or a checkpoint directory:
+        see load_model in section 5."""
+        return load_model(name_or_path)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied lm_head counted once; wpe included, as HF does
 

@@ -233,9 +233,7 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
             for i in range(0, len(ids), s.micro_batch_size):
                 with gpt.autocast(device, dtype):
                     losses, metrics = loss_fn(model, to_device(eval_batch(ids[i : i + s.micro_batch_size])))
-                for k, v in {"loss": losses, **metrics}.items():
-                    sums[k] = sums.get(k, 0) + v.float().sum()
-                count += len(losses)
+                count += add_sums(sums, losses, metrics)
         model.train()
         return reduce_mean(sums, count, world)
 
@@ -261,10 +259,10 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
     previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(now=True)) if master and world == 1 else None
     try:
         while step < total:
-            epoch, k = divmod(step, batches_per_epoch)
+            epoch, index = divmod(step, batches_per_epoch)
             if epoch != order[0]:
                 order = (epoch, data.epoch_batches(lengths, s.batch_size, s.seed, epoch))
-            batch_ids = order[1][k]  # the global batch of this step, e.g. (64,) example indices
+            batch_ids = order[1][index]  # the global batch of this step, e.g. (64,) example indices
             lr = s.lr * min(1.0, (step + 1) / max(1, s.warmup_steps))  # linear warmup, then constant
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -292,9 +290,7 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
                     rows_per_example = len(losses) // len(ids)  # 2 when train_on=all: chosen and rejected rows
                     loss = losses.sum() * world / (len(batch_ids) * rows_per_example)
                     scaler.scale(loss).backward()
-                for k, v in {"loss": losses, **metrics}.items():
-                    sums[k] = sums.get(k, 0) + v.detach().float().sum()
-                count += len(losses)
+                count += add_sums(sums, losses, metrics)
             stats = reduce_mean(sums, count, world)
             if not math.isfinite(stats["loss"]):
                 raise RuntimeError(f"non-finite loss ({stats['loss']}) at step {step}; latest/ keeps the last good "
@@ -335,6 +331,13 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
         if world > 1:
             dist.destroy_process_group()
     return raw_model
+
+
+def add_sums(sums: dict, losses, metrics: dict) -> int:
+    """Add a micro-batch's per-example losses and metrics to running sums; returns its number of examples."""
+    for k, v in {"loss": losses, **metrics}.items():
+        sums[k] = sums.get(k, 0) + v.detach().float().sum()
+    return len(losses)
 
 
 def reduce_mean(sums: dict, count, world: int) -> dict[str, float]:

@@ -153,7 +153,7 @@ def test_from_pretrained_via_hub_and_errors(file_server, tmp_path, monkeypatch):
     monkeypatch.setitem(model.PRESETS, "gpt2", SMALL)  # same protocol, a small file
     hf_gpt2(SMALL).save_pretrained(tmp_path / "hf")
     file_server.files["/openai-community/gpt2/resolve/main/model.safetensors"] = (tmp_path / "hf" / "model.safetensors").read_bytes()
-    m = model.load_model("gpt2")
+    m = GPT.from_pretrained("gpt2")
     assert m.config == SMALL
     with pytest.raises(model.DownloadError, match="no such file.*gpt2-medium.*404"):
         model.load_model("gpt2-medium")
