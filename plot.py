@@ -77,11 +77,13 @@ def plot_temperature(rows: list[dict], path: Path) -> None:
 
 
 def plot_steps(rows: list[dict], path: Path) -> None:
-    """Figure 3 right: the --dpo_steps checkpoints, one line per temperature."""
-    rows = [r for r in rows if r["model"] == STEPS_MODEL]
-    if not rows:
+    """Figure 3 right, one line per temperature: the --dpo_steps checkpoints, plus the model named "sft" (where DPO
+    starts: step 0) and the one named "dpo" (where it ends) when they were evaluated too."""
+    steps = [r for r in rows if r["model"] == STEPS_MODEL]
+    if not steps:
         print(f"no --dpo_steps results: skipping {path.name}")
         return
+    rows = steps + [dict(r, step=0) for r in rows if r["model"] == "sft"] + [r for r in rows if r["model"] == "dpo"]
     groups = {f"T = {t}": rs for t, rs in group_by(rows, "temperature").items()}
     line_plot(groups, "step", "DPO training step", "DPO win rate during training", path)
 
