@@ -509,24 +509,29 @@ class GPT(nn.Module):
         last = torch.zeros((B, P), dtype=torch.bool, device=device)
         last[:, -1] = True  # only the last position's logits are needed
         logits = self(idx, attention_mask=mask[:, :P], cache=cache, select=last)  # prefill: (B, V)
-        out, done = [[] for _ in range(B)], [False] * B
+        out = [[] for _ in range(B)]
+        rows = list(range(B))  # which prompt each row of the shrinking batch belongs to
         for t in range(max_new_tokens):
-            nxt = sample_next(logits.float(), temperature, top_k, top_p, generator)  # (B,)
-            for i, token in enumerate(nxt.tolist()):
-                if done[i]:
-                    continue
+            nxt = sample_next(logits.float(), temperature, top_k, top_p, generator)  # (b,) for the b live rows
+            live = []
+            for j, token in enumerate(nxt.tolist()):
+                i = rows[j]
                 if token == eos_id:
-                    done[i] = True
                     continue
                 out[i].append(token)
                 # stop strings: only the last few tokens can complete one, so decode just those
                 if stop and any(s in decode(out[i][-2 * max(map(len, stop)) :]) for s in stop):
                     out[i] = _cut_at_stop(out[i], stop, decode)
-                    done[i] = True
-            if all(done) or t == max_new_tokens - 1:
+                    continue
+                live.append(j)
+            if not live or t == max_new_tokens - 1:
                 break
+            if len(live) < len(rows):  # drop finished rows: answers vary in length, the batch need not wait
+                keep = torch.tensor(live, device=device)
+                cache.k, cache.v = [k[keep] for k in cache.k], [v[keep] for v in cache.v]
+                mask, nxt, rows = mask[keep], nxt[keep], [rows[j] for j in live]
             mask[:, P + t] = True
-            logits = self(nxt[:, None], attention_mask=mask[:, : P + t + 1], cache=cache, select=last[:, -1:])
+            logits = self(nxt[:, None], attention_mask=mask[:, : P + t + 1], cache=cache, select=last[: len(rows), -1:])
         return out
 
 

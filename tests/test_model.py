@@ -192,6 +192,13 @@ def test_generate_cache_and_batching_match_naive():
     for p, got in zip(prompts, batched):
         assert got == m.generate([p], 12, temperature=0, eos_id=-1)[0]
         assert got == greedy_without_cache(m, p, 12)
+    # An end token that row 1 produces early: that row leaves the batch, the others must be unaffected.
+    eos = batched[1][2]
+    with_eos = m.generate(prompts, 12, temperature=0, eos_id=eos)
+    assert len(with_eos[1]) <= 2
+    for p, got, full in zip(prompts, with_eos, batched):
+        assert got == m.generate([p], 12, temperature=0, eos_id=eos)[0]
+        assert got == full[: full.index(eos)] if eos in full else got == full
 
 
 def test_generate_stops_at_eos_and_stop_strings():
@@ -199,21 +206,20 @@ def test_generate_stops_at_eos_and_stop_strings():
     enc = model.get_tokenizer()
     torch.manual_seed(0)
     m = GPT(dataclasses.replace(SMALL, vocab_size=50257)).eval()
-    # A scripted forward replaces the network: row 0 says " fine." then starts a new Human turn, row 1 says
-    # " ok" then EOT. Generation must cut row 0 before the stop string and row 1 at EOT.
-    scripts = [enc.encode(" fine.\n\nHuman: more"), [enc.encode(" ok")[0], model.EOT]]
+    # A scripted forward replaces the network: each token determines the next. Row 0 says " fine." then starts a
+    # new Human turn, row 1 says " ok" then EOT, so row 1 leaves the batch first and row 0 goes on alone.
+    # Generation must cut row 0 before the stop string and row 1 at EOT.
+    scripts = [[3] + enc.encode(" fine. Human: more"), [6] + enc.encode(" ok") + [model.EOT]]
+    successor = {a: b for s in scripts for a, b in zip(s, s[1:])}
+    assert len(successor) == sum(len(s) - 1 for s in scripts), "scripts must not repeat a token"
 
     def scripted(idx, attention_mask=None, cache=None, select=None):
-        step = cache.pos - prompt_len + 1 if cache.pos else 0  # index of the token this call predicts
-        cache.pos += idx.shape[1]
         logits = torch.full((idx.shape[0], 50257), -1e9)
-        for i, s in enumerate(scripts):
-            logits[i, s[min(step, len(s) - 1)]] = 0
+        logits[torch.arange(idx.shape[0]), [successor[t] for t in idx[:, -1].tolist()]] = 0
         return logits
 
-    prompt_len = 3
     m.forward = scripted
-    out = m.generate([[1, 2, 3], [4, 5, 6]], 10, temperature=0, stop=("\n\nHuman:",), decode=enc.decode)
+    out = m.generate([[1, 2, 3], [4, 5, 6]], 10, temperature=0, stop=("Human:",), decode=enc.decode)
     assert enc.decode(out[0]) == " fine."
     assert enc.decode(out[1]) == " ok"
 
