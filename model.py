@@ -491,8 +491,8 @@ class GPT(nn.Module):
 
         The mask hides the padding and the positions restart at 0 on each row's first real token, so a
         row's output is the same as if it were generated alone. A row ends at `eos_id` (not returned) or
-        when its decoded text contains a stop string (tokens returned up to the last boundary before it).
-        temperature 0 is greedy decoding.
+        when its decoded text contains a stop string (tokens returned up to the last boundary before it), and
+        then leaves the batch (its cache rows are dropped). temperature 0 is greedy decoding.
         """
         self.eval()
         device = self.wte.weight.device
