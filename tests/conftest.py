@@ -28,7 +28,7 @@ os.environ.pop("OPENAI_API_KEY", None)  # tests set their own fake key where the
 
 class FileServer:
     def __init__(self):
-        self.files: dict[str, bytes] = {}  # URL path -> content
+        self.files: dict[str, bytes | list[bytes]] = {}  # URL path -> content, or contents served in turn
         self.cut_once: set[str] = set()  # paths whose next response stops halfway
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
         server = self
@@ -39,6 +39,8 @@ class FileServer:
             def do_GET(self):
                 server.requests.append((self.path, self.headers.get("Range")))
                 body = server.files.get(self.path)
+                if isinstance(body, list):  # one content per request, the last one forever
+                    body = body.pop(0) if len(body) > 1 else body[0]
                 if body is None:
                     self.send_response(404)
                     self.send_header("Content-Length", "0")

@@ -6,10 +6,8 @@ The HH fixtures are our own records in the dataset's exact format, gzipped and s
 """
 
 import gzip
-import http.server
 import json
 import random
-import threading
 from collections import Counter
 from types import SimpleNamespace
 
@@ -59,39 +57,16 @@ def jsonl_gz(records) -> bytes:
 
 
 @pytest.fixture
-def hub(monkeypatch, tmp_path):
-    """A loopback Hugging Face: put(subset, split, *bodies) serves the bodies in turn (the last one forever)."""
-    files, seen = {}, []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            seen.append(self.path)
-            bodies = files.get(self.path)
-            if not bodies:
-                self.send_error(404)
-                return
-            body = bodies.pop(0) if len(bodies) > 1 else bodies[0]
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+def hub(file_server, monkeypatch, tmp_path):
+    """A loopback Hugging Face (conftest's file server): put(subset, split, *bodies) serves the bodies in turn
+    (the last one forever)."""
     monkeypatch.setenv("DPO_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(model, "RETRY_BASE_SECONDS", 0.0)
 
     def put(subset, split, *bodies):
-        files[f"/datasets/Anthropic/hh-rlhf/resolve/main/{subset}/{split}.jsonl.gz"] = list(bodies)
+        file_server.files[f"/datasets/Anthropic/hh-rlhf/resolve/main/{subset}/{split}.jsonl.gz"] = list(bodies)
 
-    yield SimpleNamespace(put=put, requests=seen, cached=lambda subset, split: model.cache_dir() / "hh-rlhf" /
-                          subset / f"{split}.jsonl.gz")
-    server.shutdown()
-    server.server_close()
+    return SimpleNamespace(put=put, requests=file_server.requests, cached=lambda subset, split: model.cache_dir() /
+                           "hh-rlhf" / subset / f"{split}.jsonl.gz")
 
 
 # ---------------------------------------------------------------------------------------------------------------
