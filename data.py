@@ -31,7 +31,6 @@ import difflib
 import gzip
 import hashlib
 import json
-import os
 import random
 import re
 import zlib
@@ -41,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import EOT, cache_dir, download, get_tokenizer, hf_url, parse_settings
+from model import EOT, atomic_write, cache_dir, download, get_tokenizer, hf_url, parse_settings
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. HH-RLHF: download and parse
@@ -324,11 +323,7 @@ def tokenize_dataset(dataset: str, split: str, max_length: int = 512, max_prompt
         print(f"{dataset} {split}: loaded from {path}: {tok['summary']}")
         return tok
     tok = tokenize_pairs(load_pairs(dataset, split), max_length, max_prompt_length, truncation)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **tok)
-    os.replace(tmp, path)  # atomic: a crash mid-write leaves no half cache behind
+    atomic_write(path, lambda f: np.savez(f, **tok))  # a crash or a second rank never leaves half a cache
     return tok
 
 

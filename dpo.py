@@ -163,10 +163,7 @@ def reference_logps(s: Settings, reference, tok: dict, split: str) -> np.ndarray
         torch.distributed.all_reduce(table)
     result = table.float().cpu().numpy()
     if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, result)
-        tmp.replace(path)
+        gpt.atomic_write(path, lambda f: np.save(f, result))
     return result
 
 

