@@ -7,11 +7,13 @@ RUN_DIR ?= runs/$(MODEL)#            where checkpoints, samples, judgments and f
 TORCH   ?= torch==2.13.0#            the torch build to install, e.g. TORCH="torch --index-url https://download.pytorch.org/whl/cu124"
 N_EVAL  ?= 0#                        evaluation prompts per temperature (0 = every single-turn test prompt)
 DEMO    ?= runs/demo#                where `make demo` writes
+BEST_OF ?= 128#                      Best of N in `make eval` (when a reward model exists): answers per prompt (paper: 128)
+BEST_OF_PROMPTS ?= 256#              evaluation prompts Best of N runs on: it samples N x as many answers as a model
 
 PY     := .venv/bin/python
 LAUNCH := $(if $(filter-out 1,$(NGPU)),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NGPU),$(PY))
 
-.PHONY: help setup test demo data sft dpo eval figures all bench clean
+.PHONY: help setup test demo data sft dpo reward eval figures all bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -30,14 +32,18 @@ test: ## run the test suite on CPU (~2 min on 2 cores)
 # scratch; beta = 0.5 keeps its DPO policy close enough to the reference that its answers stay well formed.
 DEMO_ARGS ?=#                       appended to every demo training command (tests pass --max_steps=2)
 DEMO_N    ?= 200#                   demo evaluation prompts per temperature
+DEMO_BEST_OF ?= 16#                 demo Best of N: answers sampled from the SFT model per prompt
 DEMO_TRAIN := --dataset=synthetic --optimizer=adamw --batch_size=32 --micro_batch_size=32 --warmup_steps=10 --n_eval=128 --checkpoint_every=50
 
 demo: ## the whole pipeline offline on a CPU: tiny GPT, synthetic task, ground-truth judge, Figure 3 (~5 min)
 	$(PY) sft.py $(DEMO_TRAIN) --model=tiny --train_on=all --max_steps=300 --lr=3e-3 --eval_every=50 --out=$(DEMO)/base $(DEMO_ARGS)
 	$(PY) sft.py $(DEMO_TRAIN) --model=$(DEMO)/base/final --lr=1e-3 --eval_every=25 --out=$(DEMO)/sft $(DEMO_ARGS)
 	$(PY) dpo.py $(DEMO_TRAIN) --model=$(DEMO)/sft/final --lr=3e-4 --beta=0.5 --eval_every=25 --save_every=25 --out=$(DEMO)/dpo $(DEMO_ARGS)
+	$(PY) reward.py $(DEMO_TRAIN) --model=$(DEMO)/sft/final --lr=3e-4 --eval_every=25 --out=$(DEMO)/reward $(DEMO_ARGS)
 	$(PY) judge.py --dataset=synthetic --judge=groundtruth --models=base:$(DEMO)/base/final,sft:$(DEMO)/sft/final,dpo:$(DEMO)/dpo/final \
-	    --dpo_steps=$(DEMO)/dpo --n=$(DEMO_N) --max_new_tokens=40 --batch_size=100 --out=$(DEMO)/eval
+	    --dpo_steps=$(DEMO)/dpo --n=$(DEMO_N) --max_new_tokens=40 --batch_size=100 --out=$(DEMO)/eval \
+	    --best_of=$(DEMO_BEST_OF) --scorer=$(DEMO)/reward/final \
+	    --accuracy=reward_model:$(DEMO)/reward/final,dpo_implicit:implicit:$(DEMO)/dpo/final,sft_likelihood:likelihood:$(DEMO)/sft/final
 	$(PY) plot.py --out=$(DEMO)/eval --runs=$(DEMO)/sft,$(DEMO)/dpo
 
 data: ## download Anthropic HH-RLHF (~40 MB) and tokenize it
@@ -52,13 +58,23 @@ dpo: $(RUN_DIR)/dpo/final/model.safetensors ## DPO from the SFT checkpoint (gpt2
 $(RUN_DIR)/dpo/final/model.safetensors: $(RUN_DIR)/sft/final/model.safetensors
 	$(LAUNCH) dpo.py --model=$(RUN_DIR)/sft/final --out=$(RUN_DIR)/dpo
 
-eval: ## sample at 4 temperatures, judge with gpt-4o-mini vs the chosen response (needs OPENAI_API_KEY)
-	$(PY) judge.py --models=base:$(MODEL),sft:$(RUN_DIR)/sft/final,dpo:$(RUN_DIR)/dpo/final --dpo_steps=$(RUN_DIR)/dpo --n=$(N_EVAL) --out=$(RUN_DIR)/eval
+reward: $(RUN_DIR)/reward/final/model.safetensors ## reward model from the SFT checkpoint, for Best of N (about as long as DPO, an estimate)
+$(RUN_DIR)/reward/final/model.safetensors: $(RUN_DIR)/sft/final/model.safetensors
+	$(LAUNCH) reward.py --model=$(RUN_DIR)/sft/final --out=$(RUN_DIR)/reward
+
+# Preference accuracy on the held-out pairs ("secretly a reward model") of DPO's implicit reward and SFT likelihood,
+# and, once `make reward` has run, of the reward model, plus Best of $(BEST_OF) (win rate vs N) on $(BEST_OF_PROMPTS) prompts.
+ACCURACY := dpo_implicit:implicit:$(RUN_DIR)/dpo/final,sft_likelihood:likelihood:$(RUN_DIR)/sft/final
+WITH_RM  := --best_of=$(BEST_OF) --best_of_prompts=$(BEST_OF_PROMPTS) --best_of_curve=true --scorer=$(RUN_DIR)/reward/final \
+            --accuracy=reward_model:$(RUN_DIR)/reward/final,$(ACCURACY)
+eval: ## sample at 4 temperatures, judge with gpt-4o-mini vs the chosen response (needs OPENAI_API_KEY); Best of N with a reward model
+	$(PY) judge.py --models=base:$(MODEL),sft:$(RUN_DIR)/sft/final,dpo:$(RUN_DIR)/dpo/final --dpo_steps=$(RUN_DIR)/dpo --n=$(N_EVAL) --out=$(RUN_DIR)/eval \
+	    $$(test -f $(RUN_DIR)/reward/final/model.safetensors && echo "$(WITH_RM)" || echo "--accuracy=$(ACCURACY)")
 
 figures: ## Figure 3 (win rate vs temperature, vs DPO step, vs model size), training curves, results.md
 	$(PY) plot.py --out=$(RUN_DIR)/eval --runs=$(RUN_DIR)/sft,$(RUN_DIR)/dpo
 
-all: sft dpo eval figures ## the full GPU replication for MODEL, stage by stage
+all: sft dpo reward eval figures ## the full GPU replication for MODEL, stage by stage
 
 bench: ## speed: ours vs transformers, fused vs unfused DPO, MFU against the measured matmul peak
 	$(PY) bench.py

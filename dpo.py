@@ -79,9 +79,15 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
         # Eq. 7 when label_smoothing = 0. Conservative DPO (Mitchell 2023, "A note on DPO with noisy
         # preferences"): a label is wrong with probability eps, so the target is a soft eps / (1 - eps) mixture.
         losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
-    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
+    chosen_rewards = implicit_reward(policy_chosen_logps, reference_chosen_logps, beta).detach()
+    rejected_rewards = implicit_reward(policy_rejected_logps, reference_rejected_logps, beta).detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def implicit_reward(policy_logps, reference_logps, beta: float):
+    """DPO's implicit reward model, beta log pi(y|x) / pi_ref(y|x) (Eq. 5 without beta log Z(x), which depends on x
+    alone and cancels whenever two answers to one prompt are compared). (B,), (B,) -> (B,)."""
+    return beta * (policy_logps - reference_logps)
 
 
 def concatenated_forward(model, batch):

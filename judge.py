@@ -29,6 +29,7 @@ import json
 import os
 import random
 import threading
+import time
 from pathlib import Path
 
 import requests
@@ -36,6 +37,7 @@ import torch
 
 import data
 import model
+import reward
 
 # ----------------------------------------------------------------------------------------------------------------
 # Settings
@@ -65,6 +67,14 @@ class Settings:
     backoff_s: float = 1.0  # first retry waits ~this long, doubling each retry (unless the server sends Retry-After)
     max_tokens: int = 256  # cap on the judge's answer (a one-sentence comparison + the verdict need ~60)
     swap_check: int = 0  # judge this many pairs in both orders to measure position bias (0 = off)
+    # Best of N (Figure 3's fourth line) and "secretly a reward model" (reward.py)
+    best_of: int = 0  # N: also evaluate best_of_<N>, the best of N samples by --scorer (0 = off; paper: 128)
+    best_of_from: str = ""  # the model Best of N samples from (default: the sft entry of --models)
+    scorer: str = ""  # a reward model checkpoint (reward.py), or implicit:<dpo checkpoint> (pi_ref = the sampler)
+    best_of_curve: bool = False  # also judge best-of-k for k = 1, 2, 4, ..., N from the same pool (win rate vs N)
+    best_of_prompts: int = 0  # Best of N on the first this many evaluation prompts only (0 = all): N x the cost
+    accuracy: str = ""  # name:scorer,...: preference accuracy of each scorer on held-out test pairs (reward.py)
+    accuracy_n: int = 0  # held-out test pairs for --accuracy (0 = all)
     price_input: float = 0.15  # USD per 1M input tokens (gpt-4o-mini)
     price_output: float = 0.60  # USD per 1M output tokens (gpt-4o-mini)
 
@@ -90,6 +100,14 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def append_jsonl(path: Path, rows: list[dict]) -> None:
+    """Append rows; a torn last line (a write killed midway, which read_jsonl skips) is cut off first, or the new
+    rows would continue it and leave a broken line in the middle of the file."""
+    if Path(path).exists() and Path(path).stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # rare: only then read the whole file to find the last whole line
+                f.seek(0)
+                f.truncate(f.read().rfind(b"\n") + 1)
     with open(path, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
@@ -202,7 +220,115 @@ def sample_model(name: str, path: str, prompts: list[dict], s: Settings, file: P
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 2. Judge
+# 1b. Best of N: N answers per prompt from the sampler (the SFT model), the one the scorer likes best is judged
+#
+# The paper's fourth baseline (Sec. 6.1, Fig. 3): strong, but N times the sampling cost. Every answer is stored with
+# its score, one row per (prompt, temperature), so a killed run resumes and best-of-k for any k <= N is read from
+# the same pool: best_of_<k> takes the highest score among the first k answers (k = 1 is a plain sample).
+
+BEST_OF = "best_of_"  # model name prefix: best_of_128 is the best of 128
+
+
+def best_of_ks(n: int, curve: bool) -> list[int]:
+    """The k to judge: N alone, or 1, 2, 4, ..., N with --best_of_curve."""
+    return sorted({min(2**i, n) for i in range(n.bit_length() + 1)}) if curve else [n]
+
+
+def check_scorer_fits(scorer_config, sampler_config, scorer: str, sampler: str) -> None:
+    """The scorer must read the sampler's tokens: same vocabulary (tokenizer) and same context length."""
+    got = (scorer_config.vocab_size, scorer_config.block_size)
+    want = (sampler_config.vocab_size, sampler_config.block_size)
+    if got != want:
+        raise ValueError(f"--scorer={scorer} has vocabulary {got[0]} and context {got[1]}, the sampler {sampler} "
+                         f"{want[0]} and {want[1]}: another tokenizer or context size. Train the reward model "
+                         f"from the sampler's checkpoint (reward.py --model={sampler})")
+
+
+def sample_best_of(path: str, prompts: list[dict], s: Settings, file: Path) -> list[dict]:
+    """The pool: N answers to every (prompt, temperature) from the sampler at `path`, each scored by --scorer,
+    appended to `file` one generate call at a time (a killed run loses at most that call). Rows made by another
+    sampler, scorer or N are ignored; delete the file to sample again with other settings."""
+    key = lambda t, p: (t, p["prompt"], p["chosen"])  # noqa: E731
+    done = {(r["temperature"], r["prompt"], r["chosen"]): r for r in read_jsonl(file)
+            if (r["sampler"], r["scorer"], len(r["responses"])) == (path, s.scorer, s.best_of)}
+    missing = [(t, p) for t in s.temperatures for p in prompts if key(t, p) not in done]
+    if missing:
+        N = s.best_of
+        print(f"best of {N} from {path}: {len(missing)} prompts x {N} answers to generate, {len(done)} reused")
+        torch.manual_seed(s.seed)  # the `tiny` preset is a random init
+        sampler = model.load_model(path)
+        device, dtype, reason = model.pick_device(s.device, s.dtype)
+        print(f"best of {N}: {device}, {reason}")
+        sampler.to(device).eval()
+        score, config = reward.load_scorer(s.scorer, device, reference=sampler)
+        check_scorer_fits(config, sampler.config, s.scorer, path)
+        enc = model.get_tokenizer()
+        budget = sampler.config.block_size - s.max_new_tokens
+        if budget < 1:
+            raise ValueError(f"--max_new_tokens={s.max_new_tokens} leaves no room for a prompt in {path}'s "
+                             f"context of {sampler.config.block_size} tokens")
+        per_call = max(1, s.batch_size // N)  # prompts per generate call: about batch_size rows of answers
+        timer = {"generate": 0.0, "score": 0.0}
+        for t in s.temperatures:
+            todo = sorted((p for tt, p in missing if tt == t), key=lambda p: len(p["prompt"]))
+            gen = torch.Generator(device).manual_seed(s.seed)
+            for i in range(0, len(todo), per_call):
+                batch = todo[i : i + per_call]
+                prompt_ids = [enc.encode_ordinary(p["prompt"]) for p in batch]
+                start = time.time()
+                with model.autocast(device, dtype):  # one prefill per prompt, its KV cache copied to N rows
+                    new = sampler.generate([ids[-budget:] for ids in prompt_ids], s.max_new_tokens, temperature=t,
+                                           stop=STOP, decode=enc.decode, generator=gen, num_samples=N)
+                texts = [clean_response(enc.decode(out)) for out in new]  # prompt j's answers: rows j*N .. j*N+N-1
+                timer["generate"] += time.time() - start
+                start = time.time()
+                # scored as the judge will read them: the cleaned text, tokenized as data.py tokenizes responses
+                scores = reward.score_responses(score, [prompt_ids[j // N] for j in range(len(texts))],
+                                                [enc.encode_ordinary(x) for x in texts], config.block_size,
+                                                device, dtype, s.batch_size)
+                timer["score"] += time.time() - start
+                rows = [{"sampler": path, "scorer": s.scorer, "temperature": t, "seed": s.seed, "prompt": p["prompt"],
+                         "chosen": p["chosen"], "responses": texts[j * N : j * N + N],
+                         "scores": scores[j * N : j * N + N]} for j, p in enumerate(batch)]
+                append_jsonl(file, rows)
+                done.update({key(t, p): r for p, r in zip(batch, rows)})
+            print(f"best of {N}: temperature {t} done")
+        n_samples = len(missing) * N
+        print(f"best of {N}: {n_samples} answers, {n_samples / max(timer['generate'], 1e-9):.1f} samples/s generated, "
+              f"{n_samples / max(timer['score'], 1e-9):.1f} samples/s scored")
+    return [done[key(t, p)] for t in s.temperatures for p in prompts]
+
+
+def best_of_k(pool: list[dict], k: int) -> list[dict]:
+    """Model best_of_<k>: per (prompt, temperature), the highest-scoring of the pool's first k answers (the first
+    one on a tie), as a sample the judge takes like any other."""
+    samples = []
+    for r in pool:
+        if not 1 <= k <= len(r["responses"]):
+            raise ValueError(f"best of {k} asked of a pool holding {len(r['responses'])} answers per prompt; "
+                             f"sample a larger pool with --best_of={k} (k must be 1 ... N)")
+        best = max(range(k), key=lambda i: r["scores"][i])
+        samples.append({"model": f"{BEST_OF}{k}", "path": r["sampler"], "step": None, "temperature": r["temperature"],
+                        "seed": r["seed"], "shots": 0, "prompt": r["prompt"], "response": r["responses"][best],
+                        "chosen": r["chosen"], "score": r["scores"][best]})
+    return samples
+
+
+def best_of_samples(s: Settings, prompts: list[dict], out: Path) -> list[dict]:
+    """Settings checked, the pool sampled (or resumed), and the samples of best_of_<k> for every k to judge."""
+    if s.best_of < 1:
+        raise ValueError(f"--best_of is the number of samples N per prompt and must be at least 1, got {s.best_of} "
+                         "(--scorer, --best_of_from and --best_of_curve need it)")
+    if not s.scorer:
+        raise ValueError("--best_of needs --scorer: a reward model directory (reward.py) or implicit:<dpo checkpoint>")
+    sampler = s.best_of_from or dict(parse_models(s.models)).get("sft")
+    if not sampler:
+        raise ValueError("--best_of samples from the sft entry of --models; there is none: add one or set --best_of_from")
+    prompts = prompts[: s.best_of_prompts or len(prompts)]
+    pool = sample_best_of(sampler, prompts, s, out / "samples" / "best_of.jsonl")
+    return [x for k in best_of_ks(s.best_of, s.best_of_curve) for x in best_of_k(pool, k)]
+
+
 
 # DPO paper, Appendix C.2, the GPT-4 prompt for dialogue (single-turn HH): the query, two answers, a one-sentence
 # comparison first (the judge reasons before it commits), then the verdict on a line of its own.
@@ -487,6 +613,41 @@ def swap_summary(pairs: list[tuple[dict, dict]]) -> str:
             f"position rather than content ({len(pairs) - len(valid)} pairs with an invalid verdict left out)")
 
 
+def preference_accuracy(s: Settings, out: Path) -> list[str]:
+    """"Your language model is secretly a reward model", measured: for each name:scorer of --accuracy (reward.py's
+    scorers), the share of held-out test pairs whose chosen answer it scores above the rejected one, with a Wilson
+    95% interval (ties count as wrong), and the mean margin in the scorer's own units. -> the table's lines, also
+    written to out/accuracy.md and out/accuracy.jsonl (the cache: a row is reused while its checkpoint is unchanged)."""
+    device, dtype, _ = model.pick_device(s.device, s.dtype)
+    tok = data.tokenize_dataset(s.dataset, "test")  # as training tokenizes it (max_length 512, prompt 256)
+    cached = {r["key"]: r for r in read_jsonl(out / "accuracy.jsonl")}
+    rows = []
+    for item in filter(None, s.accuracy.split(",")):
+        name, _, spec = item.partition(":")
+        if not name or not spec:
+            raise ValueError(f"--accuracy takes name:scorer pairs separated by commas, got {item!r}")
+        weights = Path(spec.partition(":")[2] if spec.startswith(("implicit:", "likelihood:")) else spec)
+        stamp = (weights / "model.safetensors").stat().st_mtime_ns if (weights / "model.safetensors").exists() else 0
+        key = json.dumps([spec, stamp, s.dataset, s.accuracy_n])
+        if key not in cached:
+            score, _ = reward.load_scorer(spec, device)
+            margins = reward.pair_margins(score, tok, s.accuracy_n, device, dtype, s.batch_size)
+            correct = sum(m > 0 for m in margins)
+            lo, hi = wilson_interval(correct, len(margins))
+            cached[key] = {"key": key, "scorer": spec, "n": len(margins), "correct": correct,
+                           "accuracy": correct / len(margins), "ci_low": lo, "ci_high": hi,
+                           "mean_margin": sum(margins) / len(margins)}
+        rows.append({**cached[key], "name": name})
+    (out / "accuracy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = [f"Preference accuracy on held-out {s.dataset} test pairs (score of chosen > score of rejected):", "",
+             "| scorer | what | pairs | accuracy | 95% CI | mean margin |", "|---|---|---:|---:|---|---:|"]
+    table += [f"| {r['name']} | `{r['scorer']}` | {r['n']} | {r['accuracy']:.1%} | {r['ci_low']:.1%} – "
+              f"{r['ci_high']:.1%} | {r['mean_margin']:.3f} |" for r in rows]
+    (out / "accuracy.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+    return table
+
+
 def write_results(rows: list[dict], out: Path, notes: list[str]) -> None:
     """results.jsonl for plot.py, results.md for the README."""
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -522,6 +683,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         samples += sample_model(name, path, prompts, s, out / "samples" / f"{name}.jsonl")
     for path in step_checkpoints(s.dpo_steps) if s.dpo_steps else []:
         samples += sample_model(STEPS_MODEL, path, prompts, s, out / "samples" / f"dpo_{Path(path).name}.jsonl")
+    if s.best_of or s.scorer or s.best_of_from or s.best_of_curve:
+        samples += best_of_samples(s, prompts, out)
+    accuracy = preference_accuracy(s, out) if s.accuracy else []
     if s.judge == "none":
         return []
 
@@ -534,6 +698,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     notes = [f"Judge: {s.judge_model if s.judge == 'openai' else 'true reward of the synthetic task'}. Win rate = "
              "wins / (wins + losses) against the test set's chosen answer; invalid verdicts (unparseable after one "
              "retry) are excluded from it and counted. 95% CI: Wilson score interval."]
+    notes += [""] + accuracy if accuracy else []
     if swapped:
         notes.append(swap_summary(list(zip([judgments[i] for i in picked], judgments[len(comparisons) :]))))
     write_results(rows, out, notes)

@@ -6,6 +6,7 @@ Reads what judge.py and the training runs wrote and draws, in `--out`:
 
   fig3_temperature.png  DPO paper (arXiv 2305.18290) Figure 3 left: win rate against the chosen answers vs
                         sampling temperature, one line per model (base 2-shot, SFT, DPO), 95% Wilson intervals
+  best_of_n.png         Best of N: win rate vs N (judge.py --best_of_curve), one line per temperature
   fig3_steps.png        Figure 3 right: DPO win rate vs training step (judge.py --dpo_steps), one line per temperature
   win_rate_vs_size.png  win rate vs GPT-2 size, from every eval dir matching --sizes (skipped with fewer than 2)
   training.png          training curves from metrics.jsonl: SFT eval loss; DPO loss, reward accuracy, reward margin
@@ -23,7 +24,7 @@ matplotlib.use("Agg")  # files only, no display needed (servers, CI)
 import matplotlib.pyplot as plt
 
 import model
-from judge import STEPS_MODEL, read_jsonl
+from judge import BEST_OF, STEPS_MODEL, read_jsonl
 
 
 @dataclasses.dataclass
@@ -72,8 +73,32 @@ def group_by(rows: list[dict], key: str) -> dict[str, list[dict]]:
 
 def plot_temperature(rows: list[dict], path: Path) -> None:
     """Figure 3 left: the models of --models (not the intermediate DPO checkpoints)."""
-    rows = [r for r in rows if r["model"] != STEPS_MODEL]
+    rows = [r for r in largest_best_of(rows) if r["model"] != STEPS_MODEL]
     line_plot(group_by(rows, "model"), "temperature", "sampling temperature", "Win rate vs temperature", path)
+
+
+def best_of_k(row: dict) -> int | None:
+    """k of a best_of_<k> row (judge.py's Best of N), else None."""
+    return int(row["model"][len(BEST_OF) :]) if row["model"].startswith(BEST_OF) else None
+
+
+def largest_best_of(rows: list[dict]) -> list[dict]:
+    """Figure 3 left shows Best of N at the largest N judged; the smaller k of --best_of_curve go to best_of_n.png."""
+    ks = [best_of_k(r) for r in rows if best_of_k(r)]
+    return [r for r in rows if best_of_k(r) in (None, max(ks, default=None))]
+
+
+def plot_best_of(rows: list[dict], path: Path) -> None:
+    """Win rate of best_of_<k> against k (evenly spaced 1, 2, 4, ..., N), one line per temperature."""
+    rows = [r for r in rows if best_of_k(r)]
+    ks = sorted({best_of_k(r) for r in rows})
+    if len(ks) < 2:
+        print(f"Best of N judged at {len(ks)} value(s) of N: skipping {path.name} (judge.py --best_of_curve draws it)")
+        return
+    rows = [{**r, "k_index": ks.index(best_of_k(r))} for r in rows]
+    groups = {f"T = {t}": rs for t, rs in group_by(rows, "temperature").items()}
+    line_plot(groups, "k_index", "N (answers sampled, best one judged)", "Best of N: win rate vs N", path,
+              xticklabels=[str(k) for k in ks])
 
 
 def plot_steps(rows: list[dict], path: Path) -> None:
@@ -141,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         raise FileNotFoundError(f"no {out / 'results.jsonl'}: run judge.py --out={out} first")
     plot_temperature(rows, out / "fig3_temperature.png")
     plot_steps(rows, out / "fig3_steps.png")
+    plot_best_of(rows, out / "best_of_n.png")
     plot_sizes(s.sizes, s.size_temperature, out / "win_rate_vs_size.png")
     plot_training([r for r in s.runs.split(",") if r], out / "training.png")
 

@@ -131,11 +131,28 @@ def make_optimizer(s: Settings, model, device):
     raise SystemExit(f"--optimizer must be rmsprop or adamw, got {s.optimizer!r}")
 
 
+def save_weights(model, directory: Path, meta: dict) -> None:
+    """A GPT-2 as model.save_model writes it; a model that is more than a GPT-2 (reward.py's trunk + head) brings
+    its own `save` and `load`."""
+    if hasattr(model, "save"):
+        model.save(directory, meta)
+    else:
+        gpt.save_model(model, directory, meta=meta)
+
+
+def load_weights(model, directory: Path) -> None:
+    """The weights save_weights wrote, into `model` in place."""
+    if hasattr(model, "load"):
+        model.load(directory)
+    else:
+        model.load_state_dict(gpt.load_model(str(directory)).state_dict())
+
+
 def save_checkpoint(directory: Path, model, optimizer, step: int, settings: dict) -> None:
     """Everything an exact resume needs, without pickle: weights and optimizer tensors as safetensors, the rest
     as JSON. Written to a temporary directory and swapped in, so a kill never leaves a broken latest/."""
     tmp = directory.with_name(directory.name + ".tmp")
-    gpt.save_model(model, tmp, meta={"step": step, "settings": settings})
+    save_weights(model, tmp, meta={"step": step, "settings": settings})
     state = optimizer.state_dict()
     tensors = {f"{i}.{k}": v for i, st in state["state"].items() for k, v in st.items()}
     tensors["rng.torch"] = torch.get_rng_state()
@@ -153,7 +170,7 @@ def load_checkpoint(directory: Path, model, optimizer) -> int:
     saved = json.loads((directory / "config.json").read_text())["meta"]["settings"]["optimizer"]
     if saved != type(optimizer).__name__.lower():
         raise SystemExit(f"{directory} holds {saved} state; resume with --optimizer={saved}, or --resume=false")
-    model.load_state_dict(gpt.load_model(str(directory)).state_dict())
+    load_weights(model, directory)
     meta = json.loads((directory / "state.json").read_text())
     tensors, _ = gpt.read_safetensors(directory / "optimizer.safetensors")
     torch.set_rng_state(tensors.pop("rng.torch"))
@@ -270,7 +287,7 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
             if s.eval_every and step % s.eval_every == 0:
                 log_eval()
             if s.save_every and step % s.save_every == 0 and step > 0 and master:
-                gpt.save_model(raw_model, out / f"step_{step:06d}", meta={"stage": stage, "step": step, "settings": settings})
+                save_weights(raw_model, out / f"step_{step:06d}", meta={"stage": stage, "step": step, "settings": settings})
 
             # Each rank takes every world-th example of the global batch and runs it in micro-batches.
             mine = batch_ids[rank::world]
@@ -321,7 +338,7 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
             log_eval()
         checkpoint(step)
         if master:
-            gpt.save_model(raw_model, out / "final", meta={"stage": stage, "step": step, "settings": settings})
+            save_weights(raw_model, out / "final", meta={"stage": stage, "step": step, "settings": settings})
             print(f"saved {out / 'final'}")
         if world > 1:  # leave together: a rank exiting while another still talks to it aborts the group
             dist.barrier()
