@@ -20,7 +20,7 @@ preference accuracy on held-out pairs of r_phi, of DPO's implicit reward and of 
 
 The model: the SFT model's GPT-2 trunk and a scalar head on its final hidden state (after ln_f) at the response's
 last token, the <|endoftext|> that ends it. Causal attention makes that position the only one that has read the
-whole prompt and the whole response (InstructGPT, Ouyang et al. 2022, reads its reward there too). Training is
+whole prompt and the whole response (transformers' GPT2ForSequenceClassification reads the last token too). Training is
 sft.py's loop; chosen and rejected go through one concatenated forward pass, as in DPO.
 
 Reading order: the model (where its reward is read), the Bradley-Terry loss, saving and loading (the trunk in the
@@ -47,7 +47,7 @@ class Settings(sft.Settings):
 
     model: str = "runs/gpt2/sft/final"  # the SFT checkpoint: the trunk starts from it (as in RLHF, Sec. 3)
     out: str = "runs/gpt2/reward"  # run directory
-    lr: float = 1e-6  # as DPO's (RMSprop, 150 warmup steps, batch 64 pairs): the same data, the same trunk
+    lr: float = 1e-5  # SFT's, not DPO's 1e-6: the head starts from zero and has far to go (an untuned default)
     micro_batch_size: int = 4  # pairs per forward pass per GPU (the forward sees 2x rows: chosen and rejected)
     eval_every: int = 250  # optimizer steps between evaluations (preference accuracy and margin, held out)
 

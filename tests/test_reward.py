@@ -63,8 +63,8 @@ def test_bradley_terry_loss_matches_its_closed_form():
     """Catches a flipped sign (rewarding the rejected answer), log(sigmoid(.)) instead of logsigmoid (inf at
     large negative margins), a missing minus, and a wrong gradient: -log sigma(m) = log(1 + e^-m), d/dr_w =
     -sigma(-m), d/dr_l = +sigma(-m)."""
-    chosen = torch.tensor([0.0, 1.0, -2.0, 5.0, -150.0, 100.0], dtype=torch.float64, requires_grad=True)
-    rejected = torch.tensor([0.0, 0.5, 1.0, -5.0, 50.0, 0.0], dtype=torch.float64, requires_grad=True)
+    chosen = torch.tensor([0.0, 1.0, -2.0, 5.0, -150.0, 100.0, -950.0], dtype=torch.float64, requires_grad=True)
+    rejected = torch.tensor([0.0, 0.5, 1.0, -5.0, 50.0, 0.0, 50.0], dtype=torch.float64, requires_grad=True)
     losses = reward.bradley_terry_loss(chosen, rejected)
     losses.sum().backward()
     for i, (w, l) in enumerate(zip(chosen.tolist(), rejected.tolist())):
