@@ -184,7 +184,7 @@ def sample_model(name: str, path: str, prompts: list[dict], s: Settings, file: P
     whatever settings made them: delete the file to sample again with another max_new_tokens or shots."""
     step = checkpoint_step(path)
     shots = s.shots if name == "base" or path in model.HUB_MODELS else 0
-    done = {(r["temperature"], r["prompt"], r["chosen"]): r for r in read_jsonl(file) if r["path"] == path}
+    done = {key(r["temperature"], r): r for r in read_jsonl(file) if r["path"] == path}
     missing = [(t, p) for t in s.temperatures for p in prompts if (t, p["prompt"], p["chosen"]) not in done]
     if missing:
         print(f"sample {name} ({path}): {len(missing)} answers to generate, {len(done)} reused from {file}")
@@ -249,7 +249,7 @@ def sample_best_of(path: str, prompts: list[dict], s: Settings, file: Path) -> l
     appended to `file` one generate call at a time (a killed run loses at most that call). Rows made by another
     sampler, scorer or N are ignored; delete the file to sample again with other settings."""
     key = lambda t, p: (t, p["prompt"], p["chosen"])  # noqa: E731
-    done = {(r["temperature"], r["prompt"], r["chosen"]): r for r in read_jsonl(file)
+    done = {key(r["temperature"], r): r for r in read_jsonl(file)
             if (r["sampler"], r["scorer"], len(r["responses"])) == (path, s.scorer, s.best_of)}
     missing = [(t, p) for t in s.temperatures for p in prompts if key(t, p) not in done]
     if missing:
