@@ -42,7 +42,7 @@ demo: ## the whole pipeline offline on a CPU: tiny GPT, synthetic task, ground-t
 	$(PY) reward.py $(DEMO_TRAIN) --model=$(DEMO)/sft/final --lr=3e-4 --eval_every=25 --out=$(DEMO)/reward $(DEMO_ARGS)
 	$(PY) judge.py --dataset=synthetic --judge=groundtruth --models=base:$(DEMO)/base/final,sft:$(DEMO)/sft/final,dpo:$(DEMO)/dpo/final \
 	    --dpo_steps=$(DEMO)/dpo --n=$(DEMO_N) --max_new_tokens=40 --batch_size=100 --out=$(DEMO)/eval \
-	    --best_of=$(DEMO_BEST_OF) --scorer=$(DEMO)/reward/final \
+	    --best_of=$(DEMO_BEST_OF) --best_of_curve=true --scorer=$(DEMO)/reward/final \
 	    --accuracy=reward_model:$(DEMO)/reward/final,dpo_implicit:implicit:$(DEMO)/dpo/final,sft_likelihood:likelihood:$(DEMO)/sft/final
 	$(PY) plot.py --out=$(DEMO)/eval --runs=$(DEMO)/sft,$(DEMO)/dpo
 

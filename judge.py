@@ -184,7 +184,7 @@ def sample_model(name: str, path: str, prompts: list[dict], s: Settings, file: P
     whatever settings made them: delete the file to sample again with another max_new_tokens or shots."""
     step = checkpoint_step(path)
     shots = s.shots if name == "base" or path in model.HUB_MODELS else 0
-    done = {key(r["temperature"], r): r for r in read_jsonl(file) if r["path"] == path}
+    done = {(r["temperature"], r["prompt"], r["chosen"]): r for r in read_jsonl(file) if r["path"] == path}
     missing = [(t, p) for t in s.temperatures for p in prompts if (t, p["prompt"], p["chosen"]) not in done]
     if missing:
         print(f"sample {name} ({path}): {len(missing)} answers to generate, {len(done)} reused from {file}")
@@ -329,6 +329,8 @@ def best_of_samples(s: Settings, prompts: list[dict], out: Path) -> list[dict]:
     return [x for k in best_of_ks(s.best_of, s.best_of_curve) for x in best_of_k(pool, k)]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Judge
 
 # DPO paper, Appendix C.2, the GPT-4 prompt for dialogue (single-turn HH): the query, two answers, a one-sentence
 # comparison first (the judge reasons before it commits), then the verdict on a line of its own.

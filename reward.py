@@ -23,8 +23,8 @@ last token, the <|endoftext|> that ends it. Causal attention makes that position
 whole prompt and the whole response (transformers' GPT2ForSequenceClassification reads the last token too). Training is
 sft.py's loop; chosen and rejected go through one concatenated forward pass, as in DPO.
 
-Reading order: the model (where its reward is read), the Bradley-Terry loss, saving and loading (the trunk in the
-hub layout, the head beside it), scorers (reward model, DPO implicit reward, likelihood) for judge.py, `main`.
+Reading order: the model (where its reward is read; saved as the trunk in the hub layout and the head beside it),
+the Bradley-Terry loss, the scorers judge.py uses (reward model, DPO implicit reward, likelihood), `main`.
 """
 
 import dataclasses
