@@ -33,6 +33,7 @@ test: ## run the test suite on CPU (~2 min on 2 cores)
 DEMO_ARGS ?=#                       appended to every demo training command (tests pass --max_steps=2)
 DEMO_N    ?= 200#                   demo evaluation prompts per temperature
 DEMO_BEST_OF ?= 16#                 demo Best of N: answers sampled from the SFT model per prompt
+DEMO_PAIRS ?= 0#                    demo held-out pairs for the preference accuracy table (0 = all 500)
 DEMO_TRAIN := --dataset=synthetic --optimizer=adamw --batch_size=32 --micro_batch_size=32 --warmup_steps=10 --n_eval=128 --checkpoint_every=50
 
 demo: ## the whole pipeline offline on a CPU: tiny GPT, synthetic task, ground-truth judge, Figure 3 (~5 min)
@@ -43,7 +44,8 @@ demo: ## the whole pipeline offline on a CPU: tiny GPT, synthetic task, ground-t
 	$(PY) judge.py --dataset=synthetic --judge=groundtruth --models=base:$(DEMO)/base/final,sft:$(DEMO)/sft/final,dpo:$(DEMO)/dpo/final \
 	    --dpo_steps=$(DEMO)/dpo --n=$(DEMO_N) --max_new_tokens=40 --batch_size=100 --out=$(DEMO)/eval \
 	    --best_of=$(DEMO_BEST_OF) --best_of_curve=true --scorer=$(DEMO)/reward/final \
-	    --accuracy=reward_model:$(DEMO)/reward/final,dpo_implicit:implicit:$(DEMO)/dpo/final,sft_likelihood:likelihood:$(DEMO)/sft/final
+	    --accuracy=reward_model:$(DEMO)/reward/final,dpo_implicit:implicit:$(DEMO)/dpo/final,sft_likelihood:likelihood:$(DEMO)/sft/final \
+	    --accuracy_n=$(DEMO_PAIRS)
 	$(PY) plot.py --out=$(DEMO)/eval --runs=$(DEMO)/sft,$(DEMO)/dpo
 
 data: ## download Anthropic HH-RLHF (~40 MB) and tokenize it

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_make_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     cmd = ["make", "-s", "demo", f"PY={sys.executable}", f"DEMO={out}", "DEMO_ARGS=--max_steps=2 --save_every=1", "DEMO_N=8",
-           "DEMO_BEST_OF=4"]
+           "DEMO_BEST_OF=4", "DEMO_PAIRS=16"]
     run = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, f"make demo failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     for stage in ("base", "sft", "dpo", "reward"):
