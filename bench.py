@@ -2,8 +2,8 @@
 
     python bench.py                                 # = make bench (CPU, 2 idle cores: ~3 min; a GPU: ~1 min)
     python bench.py --model=gpt2-medium --batch=16  # any preset; random weights, since speed does not depend on them
-    python bench.py --memory --world=8              # per-GPU memory of each GPT-2 size: DDP vs FSDP vs FSDP + offload
-    torchrun --standalone --nproc_per_node=2 bench.py --memory   # ... and the state measured on real shards
+    python bench.py --memory=true --world=8         # per-GPU memory of each GPT-2 size: DDP vs FSDP vs FSDP + offload
+    torchrun --standalone --nproc_per_node=2 bench.py --memory=true   # ... and the state measured on real shards
 
 Each measurement runs ours and the alternative in the same process, interleaved (A B, B A, A B, ...), and reports
 the median of --steps rounds: a busy or throttled machine slows both alike, so the RATIOS hold where the absolute
@@ -17,7 +17,7 @@ bench warns when the load average says so).
   3. generation  greedy, 8 prompts, 128 new tokens, EOS off: ours (KV cache) vs transformers.generate vs no cache
   4. DPO step    fused [chosen; rejected] forward vs two forwards; precomputed vs live reference; SFT alongside
   5. data        tokenization throughput, and the padding that length-grouped batches save
-  6. memory      (--memory, instead of 1-5) bytes per GPU of parameters, gradients and optimizer state under DDP,
+  6. memory      (--memory=true, instead of 1-5) bytes per GPU of parameters, gradients and optimizer state under DDP,
                  FSDP over --world GPUs, and FSDP + CPU offload, computed from the parameter shapes, plus the
                  activations and whole-weight copies of a step; under torchrun also measured on the real sharded
                  tensors of one training step (sft.state_bytes) beside the computed numbers
