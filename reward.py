@@ -96,20 +96,23 @@ class RewardModel(nn.Module):
         with torch.autocast(h.device.type, enabled=False):  # fp32 head: rewards are compared to ~1e-3
             return self.head(h.float()).squeeze(-1)  # (B,)
 
-    # sft.train saves and resumes any model through these two (sft.save_weights / sft.load_weights)
+    # sft.train saves and resumes any model through these two (sft.write_weights / sft.read_weights)
 
-    def save(self, directory: Path, meta: dict | None = None) -> None:
+    def save(self, directory: Path, meta: dict | None = None, state_dict: dict | None = None) -> None:
         """The trunk exactly as model.save_model writes a GPT-2 (model.load_model and `transformers` read it), the
-        head in reward_head.safetensors beside it. Written aside and swapped in: never a trunk without its head."""
+        head in reward_head.safetensors beside it. Written aside and swapped in: never a trunk without its head.
+        `state_dict`: whole weights to write instead of this module's (a sharded model's, gathered by sft.py)."""
+        sd = self.state_dict() if state_dict is None else state_dict
         directory = Path(directory)
         tmp = directory.with_name(directory.name + ".rm")
-        gpt.save_model(self.gpt, tmp, meta=meta)
-        gpt.write_safetensors(tmp / HEAD_FILE, {"head.weight": self.head.weight}, {"format": "pt"})
+        trunk = {k.removeprefix("gpt."): v for k, v in sd.items() if k.startswith("gpt.")}
+        gpt.save_model(self.gpt, tmp, meta=meta, state_dict=trunk)
+        gpt.write_safetensors(tmp / HEAD_FILE, {"head.weight": sd["head.weight"]}, {"format": "pt"})
         gpt.replace_dir(tmp, directory)
 
-    def load(self, directory: Path) -> None:
-        """Weights from `save`'s directory, in place."""
-        self.load_state_dict(load_reward_model(directory).state_dict())
+    def load(self, directory: Path) -> dict:
+        """The whole weights `save` wrote, keyed as this module's state_dict()."""
+        return load_reward_model(directory).state_dict()
 
 
 def load_reward_model(path) -> RewardModel:
