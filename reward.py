@@ -94,7 +94,7 @@ class RewardModel(nn.Module):
         """tokens (B, T) and last (B, T) bool with one True per row (see reward_inputs) -> rewards (B,) in fp32."""
         h = self.gpt(tokens, select=last, hidden=True)  # (B, C): only the read positions leave the trunk
         with torch.autocast(h.device.type, enabled=False):  # fp32 head: rewards are compared to ~1e-3
-            return self.head(h.float()).squeeze(-1)  # (B,)
+            return h.float() @ self.head.weight[0]  # (B,) = w . h; a new tensor, not a view (FSDP warns about views)
 
     # sft.train saves and resumes any model through these two (sft.write_weights / sft.read_weights)
 
