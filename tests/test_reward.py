@@ -122,8 +122,8 @@ def test_a_tiny_reward_model_learns_the_synthetic_preferences(tmp_path):
 
 def test_checkpoint_layout_and_exact_resume(tmp_path):
     """Catches a reward model saved as a plain GPT-2 (head lost) or with prefixed keys (model.load_model and
-    transformers could not read the trunk), and a resume that restores the trunk but not the head or its Adam
-    moments: 2 + 2 resumed steps must equal 4 steps bit for bit."""
+    transformers could not read the trunk), a resume that restores the trunk but not the head or its Adam moments
+    (2 + 2 resumed steps must equal 4 steps bit for bit), and a save that ignores the gathered weights FSDP hands it."""
     tok = data.tokenize_pairs(data.synthetic_pairs("train", n=64), max_length=128, max_prompt_length=64)
     config = dataclasses.replace(SMALL, dropout=0.1)  # dropout: the RNG state must be restored too
 
@@ -145,6 +145,11 @@ def test_checkpoint_layout_and_exact_resume(tmp_path):
     loaded = reward.load_reward_model(final)
     assert torch.equal(loaded.head.weight, straight.head.weight) and straight.head.weight.abs().sum() > 0
     assert sorted(p.name for p in final.iterdir()) == ["config.json", "model.safetensors", reward.HEAD_FILE]
+    # under FSDP sft.py passes the gathered whole weights: those must be written, not the module's own (shards)
+    other = random_rm(SMALL, seed=3)
+    straight.save(tmp_path / "given", state_dict=other.state_dict())
+    written = reward.load_reward_model(tmp_path / "given").state_dict()
+    assert all(torch.equal(v, written[k]) for k, v in other.state_dict().items()), "save ignored its state_dict"
 
 
 # ----------------------------------------------------------------------------------------------------------------
