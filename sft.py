@@ -89,8 +89,11 @@ def sequence_logps(model, batch):
     against long rambling (rejected) answers and changes what beta means.
     """
     mask = batch["loss_mask"]
-    logits = model(batch["input_ids"], select=mask)  # (N, V): only the N masked positions need the vocabulary
-    # cross_entropy = -log_softmax(logits)[target], fused; fp32 because bf16 log-probs lose ~3 digits
+    # (N, V) fp32 logits at the N masked positions only: GPT.logits projects in fp32 even under bf16 autocast, since
+    # casting bf16 logits afterwards would not undo their rounding (~0.1 nat per token at GPT-2's logit sizes).
+    logits = model(batch["input_ids"], select=mask)
+    # cross_entropy = -log_softmax(logits)[target], fused, in fp32; .float() is a no-op for our GPT and only
+    # upcasts other models run through this function (bench.py's transformers wrapper)
     logp = -F.cross_entropy(logits.float(), batch["target_ids"][mask], reduction="none")  # (N,)
     rows = mask.nonzero()[:, 0]  # the row of each masked position, in the same (row-major) order as x[mask]
     return torch.zeros(mask.shape[0], device=logp.device).index_add(0, rows, logp)  # (B,)

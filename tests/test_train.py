@@ -154,6 +154,58 @@ def test_fused_logps_equal_unpadded_per_example_logps():
         assert (diff <= tol).all(), f"{name} {got.tolist()}\nunfused {want.tolist()}\nmax abs diff {diff.max().item()}"
 
 
+def gpt2_like_logits_model() -> model.GPT:
+    """SMALL with GPT-2's logit magnitudes: every logit near -100 (here -104 to -91), as GPT-2's are. All token
+    embeddings share a large direction u, and ln_f's bias pulls the final hidden state against it, so
+    h . wte_i = h . e_i + h . (20 u) carries a common offset of about -100 (GPT-2 learned such a shared component).
+    The large embeddings also make the residual stream, and so ln_f's output, nearly insensitive to the blocks'
+    bf16 rounding: what is left between bf16 autocast and fp32 is the vocabulary projection's precision."""
+    m = small_model().eval()
+    u = torch.tensor([1.0, -1.0] * (SMALL.n_embd // 2)) / math.sqrt(SMALL.n_embd)  # zero mean: LayerNorm keeps it
+    with torch.no_grad():
+        m.wte.weight.mul_(15).add_(20 * u)  # tied: the embedding and the output projection
+        m.ln_f.bias.copy_(-10.5 * u)
+    return m
+
+
+def test_log_probs_under_bf16_autocast_match_fp32_at_gpt2_logit_sizes(cache):
+    """Catches a vocabulary projection that runs in bf16 under autocast (the fp32 cast coming after the rounding):
+    bf16 spacing at |logit| ~ 100 is 0.5, which put 0.9 nat of error into 6-22-token sequences here (see the
+    message when it fails), a reward-margin noise of 0.09 at beta = 0.1. Summed log-probs under bf16 autocast must
+    match fp32 to 0.05 nat per sequence in training (sequence_logps), in the reference precompute, and the logits
+    that sampling draws from must be fp32 and match too."""
+    m = gpt2_like_logits_model()
+    tok = small_pairs(n=8)
+    batch = data.preference_batch(tok, range(8))
+    with torch.no_grad():
+        logits = m(batch["input_ids"])
+        assert -110 < logits.min() and logits.max() < -85, f"logits {logits.min():.1f} to {logits.max():.1f}"
+        want = sft.sequence_logps(m, batch)  # fp32, no autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = sft.sequence_logps(m, batch)
+    assert got.dtype == torch.float32, got.dtype
+    err = (got - want).abs()
+    assert err.max() <= 0.05, f"training log-probs, bf16 vs fp32: per-sequence errors {err.tolist()}, max {err.max()}"
+
+    tables = {dtype: dpo.reference_logps(settings(dpo.Settings, dtype=dtype), m, tok, "train")
+              for dtype in ("float32", "bfloat16")}
+    err = np.abs(tables["bfloat16"] - tables["float32"])
+    assert err.max() <= 0.05, f"reference log-probs, bf16 vs fp32: errors {err.tolist()}, max {err.max()}"
+
+    seen = []
+    sample_next = model.sample_next
+    spy = lambda logits, *a, **k: seen.append(logits) or sample_next(logits, *a, **k)  # noqa: E731
+    prompt = tok["prompt_ids"][: tok["prompt_offsets"][1]].tolist()
+    for autocast in (torch.autocast("cpu", enabled=False), torch.autocast("cpu", dtype=torch.bfloat16)):
+        with autocast, pytest.MonkeyPatch.context() as mp:
+            mp.setattr(model, "sample_next", spy)
+            m.generate([prompt], 1, temperature=1.0)
+    fp32, bf16 = seen
+    assert bf16.dtype == torch.float32, f"sampling draws from {bf16.dtype} logits"
+    err = (bf16 - fp32).abs().max().item()
+    assert err <= 0.05, f"sampling logits, bf16 vs fp32: max abs diff {err}"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The DPO loss: closed forms at hand-computed points
 
