@@ -480,6 +480,78 @@ def test_reference_cache_is_keyed_by_the_tokens(cache):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Which examples: the held-out subset, the batch order, the SFT targets
+
+
+def spy_batches(tok, calls: list):
+    """A batch function that records the example indices of every batch it builds."""
+    def fn(ids):
+        calls.append([int(i) for i in ids])
+        return data.sft_batch(tok, ids)
+    return fn
+
+
+def test_evaluation_uses_the_same_seeded_subset_of_the_whole_split(tmp_path):
+    """Catches evaluating the first n_eval held-out pairs (HH's test split is read subset by subset, so its first
+    256 pairs are all harmless-base: the eval curves would describe one subset), and a subset that changes between
+    evaluations (the curve would mix noise from different pairs into its trend)."""
+    tok, evaluated = category_pairs(32), []
+    s = settings(out=str(tmp_path), n_eval=8, eval_every=1, max_steps=2, micro_batch_size=8)
+    sft.train(s, small_model(), sft.sft_loss, lambda ids: data.sft_batch(tok, ids), spy_batches(tok, evaluated), 32,
+              data.example_lengths(tok, "sft"), "sft")
+    want = data.eval_subset(32, 8, s.seed).tolist()
+    assert evaluated == [want] * 3, f"evaluated {evaluated} at steps 0, 1, 2; want {want} each time"
+    assert want != list(range(8)) and max(want) >= 16, f"subset {want} is not spread over the 32 held-out pairs"
+    assert data.eval_subset(32, 8, 1).tolist() != want and data.eval_subset(5, 8, 0).tolist() == list(range(5))
+
+
+def test_dpo_precomputes_reference_logps_only_for_the_evaluated_rows(tmp_path, cache, monkeypatch):
+    """Catches precomputing the reference over the whole test split (~8.5K HH pairs: minutes of a GPU for 256
+    used rows), and a table whose rows are not the evaluated pairs (the step-0 eval loss would then not be log 2)."""
+    monkeypatch.setattr(data, "load_pairs", lambda dataset, split: data.synthetic_pairs(split, n=16))
+    sizes, reference_logps = {}, dpo.reference_logps
+    spy = lambda s, ref, tok, split: sizes.setdefault(split, data.n_examples(tok)) and reference_logps(s, ref, tok, split)  # noqa: E731
+    monkeypatch.setattr(dpo, "reference_logps", spy)
+    out = tmp_path / "run"
+    dpo.main([f"--{k}={v}" for k, v in {**FAST, "batch_size": 4, "micro_batch_size": 4}.items()] + [
+        "--model=tiny", "--dataset=synthetic", f"--out={out}", "--max_steps=1", "--n_eval=4", "--eval_every=1"])
+    assert sizes == {"train": 16, "test": 4}, f"reference log-probs computed for {sizes} pairs; want test: 4"
+    loss = records(out, "eval")[0]["loss"]
+    assert abs(loss - LOG2) <= 1e-5, f"step-0 eval loss {loss}, log 2 = {LOG2}: reference rows are not the eval rows"
+
+
+@pytest.mark.parametrize("group_by_length", [True, False])
+def test_group_by_length_switch_sets_the_batch_order(tmp_path, group_by_length):
+    """Catches --group_by_length not reaching the sampler (the reference code's random batches could then not be
+    reproduced): the training batches must be exactly data.epoch_batches' with that flag."""
+    tok, trained = category_pairs(32), []
+    s = settings(out=str(tmp_path), max_steps=3, micro_batch_size=8, group_by_length=group_by_length)
+    lengths = data.example_lengths(tok, "sft")
+    sft.train(s, small_model(), sft.sft_loss, spy_batches(tok, trained), None, 32, lengths, "sft")
+    want = [b.tolist() for b in data.epoch_batches(lengths, 8, s.seed, 0, group_by_length=group_by_length)[:3]]
+    assert trained == want, f"group_by_length={group_by_length}: trained on {trained}, want {want}"
+
+
+def test_sft_targets_one_per_prompt_keeps_the_last_pair_of_each_prompt(monkeypatch):
+    """Catches --sft_targets=one_per_prompt not reaching the training set, or keeping another pair than the
+    reference code (its dict by prompt ends up with the LAST pair's chosen response as the SFT target)."""
+    pairs = [{"prompt": f"{data.HUMAN} Q{q}?{data.ASSISTANT}", "chosen": f" answer {i}", "rejected": " no"}
+             for i, q in enumerate([0, 1, 0, 2, 1, 0])]
+    tok = data.tokenize_pairs(pairs, max_length=64, max_prompt_length=32)
+    assert data.one_per_prompt(tok).tolist() == [3, 4, 5], data.one_per_prompt(tok)
+    monkeypatch.setattr(sft, "prepare", lambda cls, argv, stage: (model.parse_settings(cls, argv), tok, tok))
+    monkeypatch.setattr(sft, "load_policy", lambda s: None)
+    trained = {}
+    monkeypatch.setattr(sft, "train", lambda s, m, loss_fn, train_batch, eval_batch, n_eval, lengths, stage:
+                        trained.update(lengths=lengths, batch=train_batch(range(len(lengths)))))
+    enc = model.get_tokenizer()
+    for targets, want in (("every_pair", range(6)), ("one_per_prompt", [3, 4, 5])):
+        sft.main([f"--sft_targets={targets}"])
+        batch = trained["batch"]
+        answers = [enc.decode(row[mask].tolist()) for row, mask in zip(batch["target_ids"], batch["loss_mask"])]
+        assert len(trained["lengths"]) == len(want) and answers == [f" answer {i}<|endoftext|>" for i in want], \
+            f"--sft_targets={targets}: SFT targets {answers}, want the chosen answers of pairs {list(want)}"
+# ----------------------------------------------------------------------------------------------------------------
 # DDP: two processes on gloo against one process with the same global batch
 
 SMALL_SPLITS = {"train": 32, "test": 8}  # precomputing reference log-probs of all 4,500 pairs takes minutes here
