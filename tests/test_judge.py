@@ -194,7 +194,8 @@ def test_score_counts_invalid_outside_the_denominator():
     """Catches: invalid verdicts counted as losses (or silently dropped from n), and rows merged across
     temperatures or models."""
     outcomes = {0.5: ["win", "win", "loss", "invalid"], 1.0: ["loss", "loss"]}
-    judgments = [{"model": "dpo", "step": 3, "temperature": t, "outcome": o} for t, os in outcomes.items() for o in os]
+    judgments = [{"model": "dpo", "step": 3, "temperature": t, "outcome": o, "prompt": f"q{i}", "response": " a",
+                  "chosen": " b"} for t, os in outcomes.items() for i, o in enumerate(os)]
     rows = judge.score(judgments)
     assert [(r["temperature"], r["n"], r["wins"], r["losses"], r["invalid"]) for r in rows] == [
         (0.5, 4, 2, 1, 1), (1.0, 2, 0, 2, 0)]
