@@ -192,6 +192,7 @@ def stored_answers(name: str, path: str, file: Path, generation: dict) -> dict:
     rows = read_jsonl(file)
     mine = [r for r in rows if r.get("path") == path]
     stale = [r for r in mine if any(r.get(k) != v for k, v in generation.items())]
+    is_stale = {id(r) for r in stale}
     if stale:
         first = stale[0]
         if "fingerprint" not in first:
@@ -199,9 +200,9 @@ def stored_answers(name: str, path: str, file: Path, generation: dict) -> dict:
         else:
             why = ", ".join(f"{k} {first.get(k)} (now {v})" for k, v in generation.items() if first.get(k) != v)
         print(f"sample {name}: {len(stale)} stored answers in {file} were made with {why}; sampling them again")
-        keep = [r for r in rows if not any(r is x for x in stale)]
+        keep = [r for r in rows if id(r) not in is_stale]
         model.atomic_write(file, lambda f: f.write("".join(json.dumps(r) + "\n" for r in keep).encode()))
-    return {(r["temperature"], r["prompt"], r["chosen"]): r for r in mine if not any(r is x for x in stale)}
+    return {(r["temperature"], r["prompt"], r["chosen"]): r for r in mine if id(r) not in is_stale}
 
 
 def sample_model(name: str, path: str, prompts: list[dict], s: Settings, file: Path) -> list[dict]:
