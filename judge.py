@@ -292,11 +292,17 @@ def check_scorer_fits(scorer_config, sampler_config, scorer: str, sampler: str) 
 
 def sample_best_of(path: str, prompts: list[dict], s: Settings, file: Path) -> list[dict]:
     """The pool: N answers to every (prompt, temperature) from the sampler at `path`, each scored by --scorer,
-    appended to `file` one generate call at a time (a killed run loses at most that call). Rows made by another
-    sampler, scorer or N are ignored; delete the file to sample again with other settings."""
+    appended to `file` one generate call at a time (a killed run loses at most that call). Rows made by other
+    weights (sampler or scorer retrained in place: their content hashes), another N, max_new_tokens or seed are
+    ignored and sampled again."""
     key = lambda t, p: (t, p["prompt"], p["chosen"])  # noqa: E731
+    scorer_weights = s.scorer.partition(":")[2] if s.scorer.startswith(("implicit:", "likelihood:")) else s.scorer
+    generation = {"sampler": path, "scorer": s.scorer, "sampler_fingerprint": weights_fingerprint(path),
+                  "scorer_fingerprint": weights_fingerprint(scorer_weights)
+                  if (Path(scorer_weights) / "model.safetensors").exists() else None,  # else load_scorer says why
+                  "max_new_tokens": s.max_new_tokens, "seed": s.seed}
     done = {key(r["temperature"], r): r for r in read_jsonl(file)
-            if (r["sampler"], r["scorer"], len(r["responses"])) == (path, s.scorer, s.best_of)}
+            if len(r["responses"]) == s.best_of and all(r.get(k) == v for k, v in generation.items())}
     missing = [(t, p) for t in s.temperatures for p in prompts if key(t, p) not in done]
     if missing:
         N = s.best_of
@@ -333,8 +339,8 @@ def sample_best_of(path: str, prompts: list[dict], s: Settings, file: Path) -> l
                                                 [enc.encode_ordinary(x) for x in texts], config.block_size,
                                                 device, dtype, s.batch_size)
                 timer["score"] += time.time() - start
-                rows = [{"sampler": path, "scorer": s.scorer, "temperature": t, "seed": s.seed, "prompt": p["prompt"],
-                         "chosen": p["chosen"], "responses": texts[j * N : j * N + N],
+                rows = [{**generation, "temperature": t, "prompt": p["prompt"], "chosen": p["chosen"],
+                         "responses": texts[j * N : j * N + N],
                          "scores": scores[j * N : j * N + N]} for j, p in enumerate(batch)]
                 append_jsonl(file, rows)
                 done.update({key(t, p): r for p, r in zip(batch, rows)})

@@ -286,7 +286,8 @@ def test_best_of_n_pool_scores_selection_results_and_figures(best_of_run):
 
 def test_best_of_n_sampling_resumes_after_a_kill(best_of_run, monkeypatch):
     """Catches a resumed Best-of-N run that samples everything again, loses or rewrites stored answers, or breaks
-    on the torn line a kill leaves mid-write (the next rows must not continue it)."""
+    on the torn line a kill leaves mid-write (the next rows must not continue it); and a pool reused after its
+    sampler was retrained into the same directory."""
     tmp_path, argv = best_of_run
     argv = argv + ["--judge=none"]
     judge.main(argv)
@@ -303,6 +304,11 @@ def test_best_of_n_sampling_resumes_after_a_kill(best_of_run, monkeypatch):
     assert len(generated) == 8 - 3, f"the resumed run sampled {len(generated)} prompts, 5 were missing"
     assert again[:3] == whole[:3] and len(again) == 8, (len(again), "rows kept or added wrongly")
     assert all(line.startswith("{") for line in file.read_text().splitlines()), "a torn line was continued"
+    model.save_model(model.GPT(TINY), tmp_path / "sft")  # the sampler retrained in place: its pool is stale
+    generated.clear()
+    judge.main(argv)
+    # 8 answers of the sft model itself (judge.py's stale-sample check) + the pool's 8 prompts
+    assert len(generated) == 8 + 8, f"after retraining the sampler {len(generated)} prompts were sampled, not 16"
 
 
 def test_bad_best_of_input_gives_clear_errors(best_of_run):
