@@ -243,6 +243,20 @@ def test_retry_wait_honours_retry_after_and_backs_off():
 SYNTHETIC = ["--dataset=synthetic", "--judge=groundtruth", "--n=4", "--max_new_tokens=8", "--temperatures=0.5,1.0"]
 
 
+def test_groundtruth_judge_gives_one_answer_the_same_outcome_in_both_positions(tmp_path):
+    """Catches a ground-truth cache key that forgets the A/B position: the answer judged at B would reuse its
+    verdict "A" from position A and turn a win into a loss. Ties (decided by a seeded coin) must agree too."""
+    prompt = f"{data.HUMAN} Can you name a fruit?{data.ASSISTANT}"
+    answers = [" A fruit is apple. Hope that helps!", " A tool is saw.", " A fruit is cherry."]  # >, <, = chosen
+    comparisons = [{**comparison(0, a, pos), "prompt": prompt, "chosen": " A fruit is banana."}
+                   for a in answers for pos in "AB"]
+    outcomes = [j["outcome"] for j in judge.judge_all(comparisons, judge.Settings(judge="groundtruth"), tmp_path)]
+    assert outcomes[:4] == ["win", "win", "loss", "loss"], outcomes
+    assert outcomes[4] == outcomes[5], outcomes
+    assert outcomes == [j["outcome"] for j in judge.judge_all(comparisons, judge.Settings(judge="groundtruth"),
+                                                                tmp_path)], "cached outcomes differ"
+
+
 def test_clean_response_cuts_only_the_next_turn():
     """Catches: an answer that runs into the user's next turn, a half-written "\\n\\nHuman" left at the end,
     and stripping of other whitespace (which would change what the judge reads)."""

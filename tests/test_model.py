@@ -295,6 +295,40 @@ def test_sampling_frequencies_match_the_softmax():
     assert (freq - probs).abs().max() < 0.01, f"frequencies {freq.tolist()} vs probabilities {probs.tolist()}"
 
 
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature_divides_the_logits(temperature):
+    """Catches a temperature that multiplies the logits instead of dividing them: at T = 1 both agree, and T = 0
+    is argmax, so only a T other than 0 and 1 tells them apart. Frequencies must follow softmax(logits / T)."""
+    logits = torch.tensor([2.0, 0.0, 1.0, -1.0])
+    draws = model.sample_next(logits.repeat(40_000, 1), temperature, None, None, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=4).float() / len(draws)
+    want = (logits / temperature).softmax(-1)
+    assert (freq - want).abs().max() < 0.01, f"T={temperature}: frequencies {freq.tolist()} vs {want.tolist()}"
+
+
+def test_mlp_uses_gpt2s_tanh_gelu_over_a_realistic_range():
+    """Catches the exact (erf) GELU in place of GPT-2's tanh approximation. The two agree to ~1e-6 for |x| < 0.7,
+    where a small random model's activations stay, but differ by up to ~1e-3 near |x| = 2, where GPT-2's are.
+    Oracle: transformers' GPT2MLP ("gelu_new") with the same weights, on inputs that reach [-4, 4] after c_fc."""
+    from transformers import GPT2Config
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+
+    torch.manual_seed(0)
+    ours = model.MLP(SMALL)
+    theirs = GPT2MLP(4 * SMALL.n_embd, GPT2Config(n_embd=SMALL.n_embd, activation_function="gelu_new",
+                                                  resid_pdrop=0.0))
+    with torch.no_grad():
+        ours.c_fc.weight.normal_(0, 0.5)  # pre-activations spread over about [-4, 4]
+        for name in ("c_fc", "c_proj"):  # HF's Conv1D stores W as (in, out), nn.Linear as (out, in)
+            getattr(theirs, name).weight.copy_(getattr(ours, name).weight.t())
+            getattr(theirs, name).bias.copy_(getattr(ours, name).bias)
+    x = torch.randn(64, SMALL.n_embd)
+    pre = ours.c_fc(x)
+    assert pre.abs().max() > 3, f"inputs too small to tell the GELUs apart: max |x| {pre.abs().max():.2f}"
+    diff = (ours(x) - theirs(x)).abs().max().item()
+    assert diff < 1e-5, f"MLP differs from GPT-2's by {diff:.2e} (the exact GELU differs by ~1e-3)"
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     """Recomputing blocks in backward must not change the gradients (catches a checkpointed call that drops the
     mask argument or runs with different dropout state)."""

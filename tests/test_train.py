@@ -308,6 +308,20 @@ def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, gradients, loss
             f"{key}: 4 x 2 gives {a[key]}, 1 x 8 gives {b[key]}, diff {abs(a[key] - b[key])}"
 
 
+def test_warmup_starts_above_zero_and_reaches_the_peak(tmp_path):
+    """Catches an off-by-one in the linear warmup, min(1, step / warmup) instead of (step + 1) / warmup: the first
+    step would run at learning rate 0 and leave the weights where they were. The logged schedule must be
+    lr * (1/3, 2/3, 1, 1), and one step must move the weights."""
+    start = small_model()
+    s = settings(out=str(tmp_path / "run"), max_steps=4, warmup_steps=3, save_every=1)
+    run_sft(s, small_model(), small_pairs())
+    logged = [r["lr"] for r in records(tmp_path / "run", "train")]
+    want = [s.lr / 3, 2 * s.lr / 3, s.lr, s.lr]
+    assert logged == pytest.approx(want), f"lr schedule {logged}, expected {want}"
+    moved = max_abs_diff(tensors(tmp_path / "run" / "step_000001" / "model.safetensors"), model.ours_to_hf(start))
+    assert moved[0] > 0, "the first optimizer step left every weight unchanged"
+
+
 RESUME = dict(checkpoint_every=2, eval_every=2, warmup_steps=3)
 
 
