@@ -227,7 +227,7 @@ def train_step(model, loss_fn, batch, device, dtype):
 # The measurements
 
 
-def matmul_peak(device, dtype) -> float:
+def matmul_peak(device, dtype, section: str = "1") -> float:
     """FLOP/s of a square matmul, best of 10 short timings: a peak is the quietest moment of a noisy machine."""
     n, reps = (8192, 10) if device.type == "cuda" else (2048, 2)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in "ab")
@@ -240,7 +240,7 @@ def matmul_peak(device, dtype) -> float:
             a @ b
         sync(device)
         best = min(best, (time.perf_counter() - t0) / reps)
-    print(f"\n1. matmul peak: ({n}, {n}) @ ({n}, {n}) in {dtype}: {2 * n**3 / best / 1e9:,.0f} GFLOP/s")
+    print(f"\n{section}. matmul peak: ({n}, {n}) @ ({n}, {n}) in {dtype}: {2 * n**3 / best / 1e9:,.0f} GFLOP/s")
     return 2 * n**3 / best
 
 
@@ -556,7 +556,7 @@ def bench_peers(s, device, repeats) -> list[str]:
           f"{bandwidth / 1e9:.1f} GB/s (read)")
     summary, decode, step = [], {}, {}
     for dtype in peer_dtypes(device):
-        peak = matmul_peak(device, dtype)
+        peak = matmul_peak(device, dtype, section="6")
         decode[dtype], lines = bench_decode(model, device, dtype, bandwidth, repeats)
         summary += lines
         step[dtype], lines = bench_dpo_peer(model, device, dtype, peak, bandwidth, repeats)

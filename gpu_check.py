@@ -198,10 +198,11 @@ def check_generation(device) -> str:
 
 
 def check_bench(device) -> str:
-    args = [] if device.type == "cuda" else ["--model=tiny", "--batch=2", "--seq=32", "--steps=1", "--gen_batch=2",
-                                             "--prompt_len=8", "--new_tokens=4", "--n_pairs=20", "--peer=false"]
-    run = subprocess.run([sys.executable, "bench.py", f"--device={device.type}", *args], cwd=ROOT, capture_output=True,
-                         text=True, timeout=240)
+    # sections 1-5, 3 rounds each (CUDA, ~1 min); the peers of section 6 (TRL, ~2 min more) are for `make bench`
+    args = ["--steps=3"] if device.type == "cuda" else ["--model=tiny", "--batch=2", "--seq=32", "--steps=1",
+                                                        "--gen_batch=2", "--prompt_len=8", "--new_tokens=4", "--n_pairs=20"]
+    run = subprocess.run([sys.executable, "bench.py", f"--device={device.type}", "--peer=false", *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, f"bench.py exit {run.returncode}:\n{run.stdout[-1500:]}\n{run.stderr[-1500:]}"
     summary = run.stdout.split("\nsummary: ", 1)[-1].splitlines()
     return "\n      ".join(line.strip() for line in summary)

@@ -359,8 +359,8 @@ def test_generate_with_bf16_weights_samples_from_fp32_logits():
 
 
 def test_dtype_policy_follows_the_cpu():
-    """dtype=auto is bf16 exactly on CPUs with native bf16 matmul: catches a flag read from the wrong line of
-    /proc/cpuinfo, a substring match (avx512_bf16 is not avx512bw), and a reason that hides the choice."""
+    """dtype=auto is bf16 exactly on CPUs with native bf16 matmul: catches a flag test that is always true or always
+    false, a pick_device that ignores it, an explicit --dtype that auto overrides, and a reason that hides the flag."""
     assert model.cpu_bf16_flag("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\nbugs\t\t: spectre_v1") is None
     assert model.cpu_bf16_flag("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n") == "amx_bf16"
     assert model.cpu_bf16_flag("flags\t\t: fpu avx512_bf16\n") == "avx512_bf16"
