@@ -165,12 +165,13 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied lm_head counted once; wpe included, as HF does
 
-    def forward(self, idx, attention_mask=None, cache: KVCache | None = None, select=None, hidden: bool = False):
+    def forward(self, idx, attention_mask=None, cache: KVCache | None = None, select=None, hidden: bool = False,
+                head=None):
         """idx (B, T) token ids -> logits (B, T, V) for every position, or (N, V) for the N positions where the
         bool mask `select` (B, T) is True: the vocabulary projection is the largest matmul of a small GPT-2
         (and its (B, T, 50257) output the largest tensor), so training computes it only where a loss needs it.
         hidden=True returns the final hidden states (after ln_f), (B, T, C) or (N, C), instead of logits: a
-        reward model puts its own head on them.
+        reward model puts its own head on them. head: the vocabulary weight already in fp32 (see `logits`).
 
         Training passes only idx (right-padded batches need no mask: causal attention never looks right).
         Generation passes attention_mask (B, S), True at real tokens of the left-padded rows over all S
@@ -200,7 +201,7 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.ln_f(x if select is None else x[select])  # (B, T, C) or (N, C)
-        return x if hidden else self.logits(x)  # (B, T, V) or (N, V)
+        return x if hidden else self.logits(x, head)  # (B, T, V) or (N, V)
 
     def logits(self, x, head=None):
         """Final hidden states (..., C) -> logits (..., V), always in fp32, outside any autocast.
@@ -255,11 +256,7 @@ class GPT(nn.Module):
         # Sampling needs fp32 logits (see `logits`). A bf16 model's head is upcast here, once: per token it would be
         # a 77 MB read + 154 MB write (gpt2) on top of the 154 MB the fp32 matmul reads, more than the whole body.
         head = self.lm_head.weight.float()  # (V, C); the weight itself when it is already fp32
-
-        def step(ids, attention_mask, select):  # one forward through the cache -> fp32 logits at `select`
-            return self.logits(self(ids, attention_mask=attention_mask, cache=cache, select=select, hidden=True), head)
-
-        logits = step(idx, mask[:, :P], last)  # prefill: (B, V)
+        logits = self(idx, attention_mask=mask[:, :P], cache=cache, select=last, head=head)  # prefill: (B, V)
         if num_samples > 1:  # the prompt's keys and values are the same for all its samples: copy, don't recompute
             cache.k, cache.v = ([t.repeat_interleave(num_samples, 0) for t in kv] for kv in (cache.k, cache.v))
             mask, logits = mask.repeat_interleave(num_samples, 0), logits.repeat_interleave(num_samples, 0)
@@ -286,7 +283,8 @@ class GPT(nn.Module):
                 cache.k, cache.v = [k[keep] for k in cache.k], [v[keep] for v in cache.v]
                 mask, nxt, rows = mask[keep], nxt[keep], [rows[j] for j in live]
             mask[:, P + t] = True
-            logits = step(nxt[:, None], mask[:, : P + t + 1], last[: len(rows), -1:])  # (b, V)
+            logits = self(nxt[:, None], attention_mask=mask[:, : P + t + 1], cache=cache, select=last[: len(rows), -1:],
+                          head=head)
         return out
 
 

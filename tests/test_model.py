@@ -213,7 +213,7 @@ def test_generate_stops_at_eos_and_stop_strings():
     successor = {a: b for s in scripts for a, b in zip(s, s[1:])}
     assert len(successor) == sum(len(s) - 1 for s in scripts), "scripts must not repeat a token"
 
-    def scripted(idx, attention_mask=None, cache=None, select=None):
+    def scripted(idx, attention_mask=None, cache=None, select=None, head=None):
         logits = torch.full((idx.shape[0], 50257), -1e9)
         logits[torch.arange(idx.shape[0]), [successor[t] for t in idx[:, -1].tolist()]] = 0
         return logits
