@@ -2,16 +2,27 @@
 # Stages skip work already done (their output file exists); delete a run directory to redo it.
 
 MODEL   ?= gpt2#                     gpt2 | gpt2-medium | gpt2-large | gpt2-xl
-NGPU    ?= 1#                        >1 runs training under torchrun (DistributedDataParallel)
+NGPU    ?= 1#                        GPUs per machine; >1 runs training under torchrun (DistributedDataParallel)
+FSDP    ?= false#                    true: shard weights, gradients and optimizer state over all GPUs (FSDP2), not copies
+OFFLOAD ?= false#                    true (with FSDP=true): the shards on the CPU, e.g. gpt2-xl on one 24 GB GPU
+NNODES  ?= 1#                        machines: run the same make command on each, NODE_RANK=0 ... NNODES-1
+NODE_RANK   ?= 0#                    this machine's index among the NNODES
+MASTER_ADDR ?= 127.0.0.1#            address of the NODE_RANK=0 machine, reachable from all of them
+MASTER_PORT ?= 29500#                a free TCP port on that machine
+TRAIN_ARGS  ?=#                      appended to the sft and dpo commands, e.g. TRAIN_ARGS=--grad_checkpoint=true
 RUN_DIR ?= runs/$(MODEL)#            where checkpoints, samples, judgments and figures go
 TORCH   ?= torch==2.13.0#            the torch build to install, e.g. TORCH="torch --index-url https://download.pytorch.org/whl/cu124"
 N_EVAL  ?= 0#                        evaluation prompts per temperature (0 = every single-turn test prompt)
 DEMO    ?= runs/demo#                where `make demo` writes
 
 PY     := .venv/bin/python
-LAUNCH := $(if $(filter-out 1,$(NGPU)),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NGPU),$(PY))
+# torchrun when there is more than one process or FSDP asks for it: on one machine a private rendezvous
+# (--standalone), on several the rendezvous at MASTER_ADDR:MASTER_PORT, which node 0 hosts
+NODES  := $(if $(filter-out 1,$(NNODES)),--nnodes=$(NNODES) --node_rank=$(NODE_RANK) --master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT),--standalone)
+LAUNCH := $(if $(filter-out 1,$(NGPU))$(filter-out 1,$(NNODES))$(filter true,$(FSDP)),$(PY) -m torch.distributed.run $(NODES) --nproc_per_node=$(NGPU),$(PY))
+TRAIN  := --fsdp=$(FSDP) --offload=$(OFFLOAD) $(TRAIN_ARGS)
 
-.PHONY: help setup test demo data sft dpo eval figures all bench gpu-check clean
+.PHONY: help setup test demo data sft dpo eval figures all bench memory gpu-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -50,11 +61,11 @@ data: ## download Anthropic HH-RLHF (~40 MB) and tokenize it
 
 sft: $(RUN_DIR)/sft/final/model.safetensors ## supervised fine-tuning on the chosen responses (gpt2: ~1 h on one A100, an estimate)
 $(RUN_DIR)/sft/final/model.safetensors:
-	$(LAUNCH) sft.py --model=$(MODEL) --out=$(RUN_DIR)/sft
+	$(LAUNCH) sft.py --model=$(MODEL) --out=$(RUN_DIR)/sft $(TRAIN)
 
 dpo: $(RUN_DIR)/dpo/final/model.safetensors ## DPO from the SFT checkpoint (gpt2: ~1.5 h on one A100, an estimate)
 $(RUN_DIR)/dpo/final/model.safetensors: $(RUN_DIR)/sft/final/model.safetensors
-	$(LAUNCH) dpo.py --model=$(RUN_DIR)/sft/final --out=$(RUN_DIR)/dpo
+	$(LAUNCH) dpo.py --model=$(RUN_DIR)/sft/final --out=$(RUN_DIR)/dpo $(TRAIN)
 
 eval: ## sample at 4 temperatures, judge with gpt-4o-mini vs the chosen response (needs OPENAI_API_KEY)
 	$(PY) judge.py --models=base:$(MODEL),sft:$(RUN_DIR)/sft/final,dpo:$(RUN_DIR)/dpo/final --dpo_steps=$(RUN_DIR)/dpo --n=$(N_EVAL) --out=$(RUN_DIR)/eval
@@ -66,6 +77,9 @@ all: sft dpo eval figures ## the full GPU replication for MODEL, stage by stage
 
 bench: ## speed: ours vs transformers and TRL (pip install -e '.[bench]'), bf16 vs fp32, against measured limits (CPU: ~15 min)
 	$(PY) bench.py
+
+memory: ## per-GPU memory of each GPT-2 size with DDP, FSDP and FSDP + offload, computed (seconds)
+	$(PY) bench.py --memory=true
 
 gpu-check: ## the CUDA paths in one PASS/FAIL line each, in < 5 min (bf16, SDPA, fused AdamW, compile, DDP, fp16, generate, bench)
 	$(PY) gpu_check.py

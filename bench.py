@@ -2,6 +2,8 @@
 
     python bench.py                                 # = make bench (CPU, 2 idle cores: ~3 min; a GPU: ~1 min)
     python bench.py --model=gpt2-medium --batch=16  # any preset; random weights, since speed does not depend on them
+    python bench.py --memory=true --world=8         # per-GPU memory of each GPT-2 size: DDP vs FSDP vs FSDP + offload
+    torchrun --standalone --nproc_per_node=2 bench.py --memory=true   # ... and the state measured on real shards
 
 Each measurement runs ours and the alternative in the same process, interleaved (A B, B A, A B, ...), and reports
 the median of --steps rounds: a busy or throttled machine slows both alike, so the RATIOS hold where the absolute
@@ -15,7 +17,11 @@ bench warns when the load average says so).
   3. generation  greedy, 8 prompts, 128 new tokens, EOS off: ours (KV cache) vs transformers.generate vs no cache
   4. DPO step    fused [chosen; rejected] forward vs two forwards; precomputed vs live reference; SFT alongside
   5. data        tokenization throughput, and the padding that length-grouped batches save
-  6. limits      gpt2 (124M) in bf16 (where native) and fp32: each decode step against the bytes it must read at the
+  6. memory      (--memory=true, instead of 1-5) bytes per GPU of parameters, gradients and optimizer state under DDP,
+                 FSDP over --world GPUs, and FSDP + CPU offload, computed from the parameter shapes, plus the
+                 activations and whole-weight copies of a step; under torchrun also measured on the real sharded
+                 tensors of one training step (sft.state_bytes) beside the computed numbers
+  7. limits      gpt2 (124M) in bf16 (where native) and fp32: each decode step against the bytes it must read at the
                  measured memory bandwidth, vs transformers.generate; a DPO optimizer step (1 pair x 256 tokens,
                  precomputed reference, RMSprop) by part, against its floor, vs TRL's DPOTrainer (pip install -e '.[bench]')
 
@@ -31,6 +37,7 @@ import copy
 import ctypes
 import dataclasses
 import io
+import math
 import os
 import statistics
 import tempfile
@@ -65,11 +72,13 @@ class Settings:
     prompt_len: int = 64  # tokens per generation prompt
     new_tokens: int = 128  # tokens generated per prompt
     n_pairs: int = 2000  # HH-like pairs to tokenize
-    peer: bool = True  # section 6: peer_model vs TRL's DPO step and transformers.generate, bf16 and fp32 (CPU: ~10 min)
-    peer_model: str = "gpt2"  # the model of section 6 (random weights)
+    peer: bool = True  # section 7: peer_model vs TRL's DPO step and transformers.generate, bf16 and fp32 (CPU: ~10 min)
+    peer_model: str = "gpt2"  # the model of section 7 (random weights)
     device: str = "auto"  # cuda, mps, cpu or auto
     dtype: str = "auto"  # bfloat16, float16, float32 or auto (model.pick_device: bf16 on recent GPUs and bf16-native CPUs)
     seed: int = 0  # weights and inputs
+    memory: bool = False  # print the memory table (section 6) instead of timing
+    world: int = 8  # GPUs that FSDP shards over in the memory table
 
 
 SMALL = gpt.GPTConfig(n_layer=6, n_head=6, n_embd=384)  # GPT-2's vocabulary, 30M parameters (19M of them wte)
@@ -405,7 +414,107 @@ def bench_padding(s) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6. Against the limits and the peers, at one shape (gpt2, 124M), in bf16 and in fp32
+# 6. Memory per GPU: computed from shapes for every GPT-2 size; measured on real shards under torchrun
+
+CARDS = (24, 40, 80)  # GB: the usual GPU sizes
+ROWS, TOKENS = 8, 512  # a micro-batch at the defaults: 8 SFT examples or 4 DPO pairs, at --max_length=512
+
+
+def state_per_rank(model, world: int, fsdp: bool, optimizer: str = "rmsprop") -> dict[str, int]:
+    """Bytes of parameters, gradients and optimizer state on the fullest rank, from the parameters' SHAPES (a model on
+    the meta device costs nothing), all fp32. DDP: every rank holds everything. FSDP2 cuts dim 0 of each parameter
+    into `world` chunks of ceil(rows / world) rows (the last ones shorter or empty): rank 0 holds the most. The
+    optimizer adds RMSprop's square_avg (AdamW: two moments) per element and a 4-byte step count per parameter."""
+    params = list(model.parameters())  # a tied weight once
+    rows = lambda p: math.ceil(p.shape[0] / world) if fsdp else p.shape[0]  # noqa: E731
+    shard = sum(rows(p) * (p.numel() // p.shape[0]) * 4 for p in params)
+    moments = {"rmsprop": 1, "adamw": 2}[optimizer]
+    return {"params": shard, "grads": shard, "optimizer": moments * shard + 4 * len(params)}
+
+
+def working_bytes(model, mode: str, grad_checkpoint: bool, accumulate: bool) -> int:
+    """What a bf16 training step on a GPU adds to the state: activations saved for backward, the logits, and each
+    mode's whole copies of weights or gradients. An estimate from shapes; the allocator's slack is not in it."""
+    c, P = model.config, model.num_params()
+    blocks = sum(p.numel() for p in model.h.parameters())
+    root = P - blocks  # wte (tied head), wpe, ln_f
+    tokens = ROWS * TOKENS
+    # Saved per token and block (bf16 autocast, fp32 residual stream, SDPA keeps no T x T scores), our count in
+    # units of C bytes: both LayerNorm inputs in fp32 (8), the bf16 inputs of c_attn (2), attention's c_proj (2),
+    # c_fc (2) and the MLP's c_proj (8), q, k, v and the attention output (8), the GELU input (8): 38.
+    per_token = 38 * c.n_embd
+    # --grad_checkpoint keeps only each block's fp32 input, and recomputes one block at a time in backward
+    acts = tokens * (4 * c.n_embd * c.n_layer + per_token if grad_checkpoint else per_token * c.n_layer)
+    logits = 3 * 4 * tokens // 2 * c.vocab_size  # fp32 logits, log-softmax and its gradient, at half the positions
+    if mode == "ddp":  # autocast's bf16 copy of every block weight, saved for backward; DDP's fp32 gradient buckets
+        copies = 2 * blocks + 4 * P
+    elif accumulate:  # FSDP between micro-batches: bf16 blocks and the fp32 root stay gathered, gradients whole
+        copies = 2 * blocks + 4 * root + 4 * P
+    else:  # FSDP reducing every micro-batch (--offload): the root whole in fp32, two blocks (bf16 + fp32 grads) in flight
+        copies = 8 * root + 2 * 6 * blocks // c.n_layer
+    return acts + logits + copies
+
+
+def memory_rows(name: str, world: int) -> list[list]:
+    """Per-GPU GB of one GPT-2 size under DDP, FSDP over 2 and `world` GPUs, and FSDP + offload on one GPU (at the
+    DPO defaults: 64 pairs per step, 4 per micro-batch, so FSDP accumulates unless --offload)."""
+    with torch.device("meta"):
+        model = build_model(name)
+    rows = []
+    for label, mode, n in [("DDP", "ddp", world), ("FSDP", "fsdp", 2), ("FSDP", "fsdp", world), ("FSDP + offload", "offload", 1)]:
+        state = sum(state_per_rank(model, n, fsdp=mode != "ddp").values())
+        on_gpu = 0 if mode == "offload" else state
+        accumulate = mode != "offload" and 64 // (4 * n) > 1
+        totals = [on_gpu + working_bytes(model, mode, ckpt, accumulate) for ckpt in (False, True)]
+        # the smallest card that holds it, with activation checkpointing if it needs it; 10% left for allocator slack
+        fits = next((f"{card} GB" + ("" if totals[0] <= 0.9 * card * 1e9 else ", ckpt") for card in CARDS
+                     if totals[1] <= 0.9 * card * 1e9), "no")
+        rows.append([name, f"{label} x{n}" if mode != "offload" else label, f"{on_gpu / 1e9:.1f}",
+                     f"{(state if mode == 'offload' else 0) / 1e9:.1f}", f"{totals[0] / 1e9:.1f}", f"{totals[1] / 1e9:.1f}", fits])
+    return rows
+
+
+def measure_state(device, dtype) -> None:
+    """Under torchrun: one training step of the small model under DDP and under FSDP, and the bytes each rank
+    really holds (sft.state_bytes on the sharded tensors) beside state_per_rank's numbers from shapes."""
+    world, rows = torch.distributed.get_world_size(), []
+    with torch.device("meta"):
+        shapes = build_model("small")
+    for fsdp in (False, True):
+        torch.manual_seed(0)
+        model, s = build_model("small"), sft.Settings(fsdp=fsdp, device=device.type)
+        sft.shard(model, s, device, dtype) if fsdp else model.to(device)
+        wrapped = model if fsdp else torch.nn.parallel.DistributedDataParallel(model)
+        optimizer = sft.make_optimizer(s, model, device)
+        losses, _ = sft.sft_loss(wrapped, make_batch(2, 32, model.config.vocab_size, device, seed=0))
+        losses.sum().backward()
+        optimizer.step()
+        held = torch.tensor(list(sft.state_bytes(model, optimizer).values()), device=device)
+        torch.distributed.all_reduce(held, op=torch.distributed.ReduceOp.MAX)
+        computed = state_per_rank(shapes, world, fsdp)
+        rows.append(["FSDP" if fsdp else "DDP", *(f"{b / 2**20:,.2f} / {computed[k] / 2**20:,.2f}"
+                                                    for b, k in zip(held.tolist(), computed))])
+    if torch.distributed.get_rank() == 0:
+        table(f"6. state per rank, small model ({shapes.num_params() / 1e6:.0f}M) on {world} processes: measured on the "
+              "real tensors / computed from shapes, MiB", ["", "params", "grads", "optimizer (RMSprop)"], rows)
+
+
+def bench_memory(s) -> None:
+    if "RANK" in os.environ:
+        rank, world, _, device, dtype, _ = sft.setup(sft.Settings(device=s.device, dtype=s.dtype))
+        measure_state(device, dtype)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return
+    rows = [row for name in gpt.HUB_MODELS for row in memory_rows(name, s.world)]
+    table(f"6. memory per GPU, computed (not measured): fp32 weights, gradients and RMSprop state, bf16 autocast, "
+          f"micro-batch {ROWS} x {TOKENS} tokens, DPO defaults (64 pairs per step)",
+          ["model", "setup", "state on GPU, GB", "on CPU", "total GB", "with --grad_checkpoint", "fits on"], rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. Against the limits and the peers, at one shape (gpt2, 124M), in bf16 and in fp32
 
 
 def memory_bandwidth(device) -> float:
@@ -450,7 +559,7 @@ def bench_decode(model, device, dtype, bandwidth, repeats, B=8, P=64, N=64) -> t
     limit = {"ours": (body * size + head * 4 + kv) / bandwidth, "theirs": (body * size + head * size + kv) / bandwidth}
     step = {who: (times[f"{who} {N}"] - times[f"{who} 1"]) / (N - 1) for who in limit if f"{who} 1" in times}
     name = str(dtype).removeprefix("torch.")
-    table(f"6. decode step, {name} weights: {B} prompts x {P} tokens, {N} new, median of {repeats}",
+    table(f"7. decode step, {name} weights: {B} prompts x {P} tokens, {N} new, median of {repeats}",
           ["", "ms/step", "new tokens/s", "read limit (ms)", "of limit"],
           [[{"ours": "ours", "theirs": "transformers.generate"}[w], f"{1e3 * t:.1f}", f"{B / t:,.0f}",
             f"{1e3 * limit[w]:.1f}", f"{limit[w] / t:.0%}"] for w, t in step.items()])
@@ -535,7 +644,7 @@ def bench_dpo_peer(model, device, dtype, peak, bandwidth, repeats, T=256) -> tup
     floor = 6 * N * tokens / peak + 20 * N / bandwidth
     name = str(dtype).removeprefix("torch.")
     split = ", ".join(f"{part} {1e3 * statistics.median(t):,.0f}" for part, t in parts.items())
-    table(f"6. DPO optimizer step, {name}: 1 pair x {T} tokens, precomputed reference, RMSprop, median of {repeats}",
+    table(f"7. DPO optimizer step, {name}: 1 pair x {T} tokens, precomputed reference, RMSprop, median of {repeats}",
           ["", "ms/step", "tokens/s", f"MFU ({name} peak)", "step / floor"],
           [[name_, f"{1e3 * t:,.0f}", f"{tokens / t:,.0f}", f"{6 * N * tokens / t / peak:.1%}", f"{t / floor:.2f}x"]
            for name_, t in times.items()])
@@ -548,15 +657,15 @@ def bench_dpo_peer(model, device, dtype, peak, bandwidth, repeats, T=256) -> tup
 
 
 def bench_peers(s, device, repeats) -> list[str]:
-    """Section 6: gpt2 (124M, random weights) in each dtype this hardware runs natively."""
+    """Section 7: gpt2 (124M, random weights) in each dtype this hardware runs natively."""
     torch.manual_seed(s.seed)
     model = build_model(s.peer_model).to(device)
     bandwidth = memory_bandwidth(device)
-    print(f"\n6. {s.peer_model} ({model.num_params() / 1e6:.0f}M) against limits and peers; memory bandwidth "
+    print(f"\n7. {s.peer_model} ({model.num_params() / 1e6:.0f}M) against limits and peers; memory bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s (read)")
     summary, decode, step = [], {}, {}
     for dtype in peer_dtypes(device):
-        peak = matmul_peak(device, dtype, section="6")
+        peak = matmul_peak(device, dtype, section="7")
         decode[dtype], lines = bench_decode(model, device, dtype, bandwidth, repeats)
         summary += lines
         step[dtype], lines = bench_dpo_peer(model, device, dtype, peak, bandwidth, repeats)
@@ -570,6 +679,8 @@ def bench_peers(s, device, repeats) -> list[str]:
 def main():
     start = time.time()
     s = gpt.parse_settings(Settings)
+    if s.memory:
+        return bench_memory(s)
     device, dtype, reason = gpt.pick_device(s.device, s.dtype)
     cuda = device.type == "cuda"
     name = s.model if s.model != "auto" else ("gpt2" if cuda else "small")

@@ -2,6 +2,7 @@
 
     python dpo.py --model=runs/gpt2/sft/final --out=runs/gpt2/dpo
     torchrun --standalone --nproc_per_node=4 dpo.py --model=runs/gpt2-medium/sft/final --out=runs/gpt2-medium/dpo
+    torchrun --standalone --nproc_per_node=4 dpo.py --fsdp=true ...   # sharded (FSDP2): see sft.py and the README
 
 Rafailov et al. 2023, arXiv:2305.18290. RLHF maximises reward under a KL leash to a reference policy,
 max_pi E[r(x, y)] - beta KL(pi || pi_ref). Its optimum is pi*(y|x) ∝ pi_ref(y|x) exp(r(x, y) / beta) (Eq. 4),

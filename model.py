@@ -644,8 +644,9 @@ def hf_to_ours(hf: dict[str, torch.Tensor], path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def ours_to_hf(model: GPT) -> dict[str, torch.Tensor]:
-    return {k: (t.t() if k.endswith(CONV1D) else t) for k, t in model.state_dict().items() if k != "lm_head.weight"}
+def ours_to_hf(model: GPT, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    sd = model.state_dict() if state_dict is None else state_dict
+    return {k: (t.t() if k.endswith(CONV1D) else t) for k, t in sd.items() if k != "lm_head.weight"}
 
 
 def _config_from(path: Path, sd: dict[str, torch.Tensor]) -> GPTConfig:
@@ -722,13 +723,14 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_model(model: GPT, directory: Path, meta: dict | None = None) -> None:
-    """Write model.safetensors (hub layout) + config.json into `directory`, atomically."""
+def save_model(model: GPT, directory: Path, meta: dict | None = None, state_dict: dict | None = None) -> None:
+    """Write model.safetensors (hub layout) + config.json into `directory`, atomically. `state_dict`: the weights to
+    write instead of model.state_dict() (a sharded model's, gathered whole: see sft.full_state_dict)."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write_safetensors(tmp / "model.safetensors", ours_to_hf(model), {"format": "pt"})
+    write_safetensors(tmp / "model.safetensors", ours_to_hf(model, state_dict), {"format": "pt"})
     config = {"model": dataclasses.asdict(model.config), "meta": meta or {}}
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     replace_dir(tmp, directory)

@@ -2,6 +2,7 @@
 
     python sft.py --model=gpt2 --out=runs/gpt2/sft                           # one GPU, or the CPU
     torchrun --standalone --nproc_per_node=4 sft.py --model=gpt2-medium ...  # several GPUs (DDP)
+    torchrun --standalone --nproc_per_node=4 sft.py --fsdp=true ...           # several GPUs, weights sharded (FSDP2)
     python sft.py --help                                                     # every setting, with its default
 
 The DPO paper (Rafailov et al. 2023, arXiv:2305.18290, Sec. 4 and 6.1) first fine-tunes the base model on the
@@ -15,6 +16,12 @@ imports it with its own loss. The loop follows the order of events of one optimi
 
     set lr (linear warmup) -> evaluate / checkpoint when due -> micro-batches: forward + backward,
     gradients accumulated -> unscale + clip -> optimizer step -> log a progress line and metrics.jsonl
+
+Several processes (torchrun) split every batch. By default each holds a whole copy of the model, its gradients and
+the optimizer state, and gradients are averaged in backward (DistributedDataParallel). --fsdp=true shards all three
+over the processes instead (FSDP2, Zhao et al. 2023, arXiv:2304.11277): 12 bytes per parameter become 12 / world,
+and each block's weights are gathered just before its forward and backward and freed after. --offload=true also
+moves the shards and the optimizer step to the CPU. Checkpoints are the same files in every mode.
 
 A run directory holds config.json (the settings), metrics.jsonl, latest/ (everything needed to resume exactly),
 step_NNNNNN/ (intermediate models) and final/ (the model the next stage loads).
@@ -34,6 +41,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 import data
 import model as gpt
@@ -55,6 +66,8 @@ class Settings:
     grad_checkpoint: bool = False  # recompute activations in backward: fits gpt2-large/xl in less memory
     dropout: float = 0.0  # GPT-2 was pretrained with 0.1; fine-tuning recipes (and the reference code) use 0
     compile: bool = False  # torch.compile the model (faster on GPU after a minute of compiling)
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state over the GPUs (FSDP2), not DDP
+    offload: bool = False  # with --fsdp: shards and optimizer step on the CPU (gpt2-xl on one 24 GB GPU; slower)
     # optimisation
     optimizer: str = "rmsprop"  # rmsprop (the DPO paper) or adamw (fused on CUDA)
     lr: float = 1e-5  # peak learning rate (the reference code's 5e-7 is for 2.8B models; GPT-2 is 20x smaller)
@@ -109,12 +122,23 @@ def sft_loss(model, batch):
 
 def setup(s: Settings):
     """(rank, world_size, local_rank, device, dtype, reason). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK and we
-    join the process group (NCCL on GPUs, gloo on CPUs); a plain `python` run is rank 0 of 1."""
+    join the process group (NCCL on GPUs, gloo on CPUs); a plain `python` run is rank 0 of 1. Settings that cannot
+    work with this launch stop here, on every rank alike, before any collective could wait for a missing rank."""
+    if s.fsdp and "RANK" not in os.environ:
+        raise SystemExit("--fsdp=true shards over the processes of a torchrun job, but this is a plain python run; "
+                         f"launch it with torchrun (one GPU: torchrun --standalone --nproc_per_node=1 "
+                         f"{Path(sys.argv[0]).name} ...) or make ... FSDP=true")
+    if s.offload and not s.fsdp:
+        raise SystemExit("--offload=true offloads FSDP's shards to the CPU; add --fsdp=true (under torchrun)")
     rank, world, local_rank = 0, 1, 0
     if "RANK" in os.environ:
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            # gloo beside NCCL carries the collectives on CPU tensors (--offload: gradient norm, checkpoints)
+            dist.init_process_group("cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo")
         rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+    if s.batch_size % (s.micro_batch_size * world):
+        raise SystemExit(f"--batch_size={s.batch_size} must be a multiple of micro_batch_size x processes "
+                         f"= {s.micro_batch_size} x {world}")
     on_gpu = s.device == "auto" and torch.cuda.is_available()
     device, dtype, reason = gpt.pick_device(f"cuda:{local_rank}" if on_gpu else s.device, s.dtype)
     if device.type == "cuda":
@@ -122,22 +146,79 @@ def setup(s: Settings):
     return rank, world, local_rank, device, dtype, reason
 
 
+def shard(model, s: Settings, device, dtype):
+    """FSDP2 in place: each Block is one unit of sharding, the root (embeddings, ln_f, the head tied to wte) another.
+
+    Every rank keeps 1/world of each weight (dim 0 cut into world chunks, as torch.chunk does). A unit's weights are
+    all-gathered just before its forward and again before its backward, and freed after each: only a block or two
+    are ever whole. Backward reduce-scatters the gradients (each rank receives the average of its own shard), and
+    the optimizer, built afterwards on the sharded parameters, steps on shards only."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    # --offload: shards, gradients and the optimizer step on the CPU; pinned host memory speeds the copies (GPU only)
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if s.offload else OffloadPolicy()
+    # On a GPU the blocks gather their weights in bf16 (half the traffic and the memory) and reduce gradients in
+    # fp32: the rounding autocast would apply anyway. Their inputs are not cast, so the residual stream stays fp32 as
+    # under DDP; the root keeps fp32 weights: the embeddings start that stream and GPT.logits projects in fp32.
+    # On the CPU, fp32 weights and autocast alone (CPU LayerNorm takes no bf16 weights with fp32 inputs).
+    mixed = MixedPrecisionPolicy()
+    if device.type == "cuda" and dtype != torch.float32:
+        mixed = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for block in [m for m in model.modules() if isinstance(m, gpt.Block)]:
+        fully_shard(block, mesh=mesh, mp_policy=mixed, offload_policy=offload)
+    fully_shard(model, mesh=mesh, offload_policy=offload)  # a tied weight stays one parameter: one shard, one grad
+    return model
+
+
 def make_optimizer(s: Settings, model, device):
     params = [p for p in model.parameters() if p.requires_grad]
     if s.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=s.lr)
     if s.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, fused=device.type == "cuda")
+        fused = device.type == "cuda" and not s.offload  # offloaded shards step on the CPU
+        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, fused=fused)
     raise SystemExit(f"--optimizer must be rmsprop or adamw, got {s.optimizer!r}")
 
 
-def save_checkpoint(directory: Path, model, optimizer, step: int, settings: dict) -> None:
+def gather(t: torch.Tensor, master: bool):
+    """The whole tensor, on rank 0's CPU (None on other ranks). An FSDP shard (a DTensor) is all-gathered first: a
+    collective, so every rank calls this for the same tensors in the same order."""
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
+    return t.detach().cpu() if master else None
+
+
+def full_state_dict(model, master: bool) -> dict:
+    return {k: gather(t, master) for k, t in model.state_dict().items()}
+
+
+def local_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A whole tensor read from a checkpoint -> this rank's part of it, laid out as `like`: the shard an FSDP
+    DTensor holds (each rank read the whole file, so each cuts its own chunk: src_data_rank=None, no traffic), or
+    the tensor itself."""
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to(like.device)
+
+
+def save_weights(model, directory: Path, meta: dict, master: bool) -> None:
+    """final/ and step_N/: the hub-layout model.safetensors, whole; every rank calls it, rank 0 writes."""
+    weights = full_state_dict(model, master)
+    if master:
+        gpt.save_model(model, directory, meta=meta, state_dict=weights)
+
+
+def save_checkpoint(directory: Path, model, optimizer, step: int, settings: dict, master: bool = True) -> None:
     """Everything an exact resume needs, without pickle: weights and optimizer tensors as safetensors, the rest
-    as JSON. Written to a temporary directory and swapped in, so a kill never leaves a broken latest/."""
+    as JSON. Written to a temporary directory and swapped in, so a kill never leaves a broken latest/. Every rank
+    calls it: FSDP's shards are gathered into whole tensors, so DDP, FSDP and one process write the same files,
+    and a run resumes under any of them, with any number of processes."""
+    weights = full_state_dict(model, master)
+    state = optimizer.state_dict()  # state: {param index: {"step", "square_avg" or "exp_avg", ...}}
+    tensors = {f"{i}.{k}": gather(v, master) for i, st in state["state"].items() for k, v in st.items()}
+    if not master:
+        return
     tmp = directory.with_name(directory.name + ".tmp")
-    gpt.save_model(model, tmp, meta={"step": step, "settings": settings})
-    state = optimizer.state_dict()
-    tensors = {f"{i}.{k}": v for i, st in state["state"].items() for k, v in st.items()}
+    gpt.save_model(model, tmp, meta={"step": step, "settings": settings}, state_dict=weights)
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -153,19 +234,35 @@ def load_checkpoint(directory: Path, model, optimizer) -> int:
     saved = json.loads((directory / "config.json").read_text())["meta"]["settings"]["optimizer"]
     if saved != type(optimizer).__name__.lower():
         raise SystemExit(f"{directory} holds {saved} state; resume with --optimizer={saved}, or --resume=false")
-    model.load_state_dict(gpt.load_model(str(directory)).state_dict())
+    current = model.state_dict()  # FSDP: DTensor shards, which each take their part of the whole saved tensor
+    model.load_state_dict({k: local_like(t, current[k]) for k, t in gpt.load_model(str(directory)).state_dict().items()})
     meta = json.loads((directory / "state.json").read_text())
     tensors, _ = gpt.read_safetensors(directory / "optimizer.safetensors")
     torch.set_rng_state(tensors.pop("rng.torch"))
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors.pop("rng.cuda"))
     tensors.pop("rng.cuda", None)
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # the indices of state_dict()
     state: dict = {}
     for key, t in tensors.items():
         i, name = key.split(".", 1)
-        state.setdefault(int(i), {})[name] = t
+        p = params[int(i)]
+        state.setdefault(int(i), {})[name] = local_like(t, p) if t.shape == p.shape else t  # moments; not "step"
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     return meta["step"]
+
+
+def state_bytes(model, optimizer) -> dict[str, int]:
+    """Bytes of parameters, gradients and optimizer state that THIS process holds: an FSDP DTensor counts its local
+    shard only. Not counted: DDP's gradient buckets, autocast's bf16 weight copies, activations (see bench.py)."""
+
+    def nbytes(tensors) -> int:
+        local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+        return sum(t.numel() * t.element_size() for t in local)
+
+    params = list(model.parameters())  # a tied weight once
+    return {"params": nbytes(params), "grads": nbytes(p.grad for p in params if p.grad is not None),
+            "optimizer": nbytes(v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))}
 
 
 def peak_memory_gb(device) -> float:
@@ -194,23 +291,23 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
         (out / "config.json").write_text(json.dumps(gpt.settings_dict(s), indent=2))
     if s.eval_every and min(s.n_eval, n_eval) < world:  # every rank must evaluate something (all_reduce shapes)
         raise SystemExit(f"--n_eval={s.n_eval} (held-out set: {n_eval}) must be at least the number of processes {world}")
-    if s.batch_size % (s.micro_batch_size * world):
-        raise SystemExit(f"--batch_size={s.batch_size} must be a multiple of micro_batch_size x GPUs "
-                         f"= {s.micro_batch_size} x {world}")
-
-    model.to(device)
-    optimizer = make_optimizer(s, model, device)
+    if s.fsdp:
+        shard(model, s, device, dtype)  # each rank's shards go to its GPU (to the CPU with --offload)
+    else:
+        model.to(device)
+    optimizer = make_optimizer(s, model, device)  # after sharding: it must hold the sharded parameters
     step = 0
     if s.resume and any((out / d / "state.json").exists() for d in ("latest", "latest.old")):
         step = load_checkpoint(out / "latest", model, optimizer)
         if master:
             print(f"resumed from {out / 'latest'} at step {step}")
     # fp16 has too little range for small gradients: scale the loss up, unscale before clipping (off otherwise)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    # (FSDP: each rank sees only its shards' gradients, so the sharded scaler agrees on overflow with the others)
+    scaler = (ShardedGradScaler if s.fsdp else torch.amp.GradScaler)(device.type, enabled=dtype == torch.float16)
     raw_model = model  # what we save: never the compiled or DDP wrapper, so checkpoint keys stay plain
     if s.compile:
         model = torch.compile(model)
-    if world > 1:
+    if world > 1 and not s.fsdp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
     order = (0, data.epoch_batches(lengths, s.batch_size, s.seed, 0))  # (epoch, its batches), redone each epoch
@@ -229,11 +326,16 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
         model.eval()
         sums, count = {}, torch.zeros((), device=device)
         with torch.no_grad():
-            ids = list(range(min(s.n_eval, n_eval)))[rank::world]
-            for i in range(0, len(ids), s.micro_batch_size):
+            n = min(s.n_eval, n_eval)
+            ids = list(range(n))[rank::world]
+            chunks = [ids[i : i + s.micro_batch_size] for i in range(0, len(ids), s.micro_batch_size)]
+            if s.fsdp:  # each forward gathers weights from every rank: all ranks run as many, extras count nothing
+                chunks += [[]] * (math.ceil(math.ceil(n / world) / s.micro_batch_size) - len(chunks))
+            for chunk in chunks:
                 with gpt.autocast(device, dtype):
-                    losses, metrics = loss_fn(model, to_device(eval_batch(ids[i : i + s.micro_batch_size])))
-                count += add_sums(sums, losses, metrics)
+                    losses, metrics = loss_fn(model, to_device(eval_batch(chunk or ids[:1])))
+                if chunk:
+                    count += add_sums(sums, losses, metrics)
         model.train()
         return reduce_mean(sums, count, world)
 
@@ -249,8 +351,19 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
             print(f"{stage} step {step}: eval  " + "  ".join(f"{k} {v:.4f}" for k, v in stats.items()), flush=True)
 
     def checkpoint(at_step):
+        save_checkpoint(out / "latest", raw_model, optimizer, at_step, settings, master)
+
+    def log_state_bytes():
+        held = state_bytes(raw_model, optimizer)
+        largest = torch.tensor(list(held.values()), device=device)
+        if world > 1:
+            dist.all_reduce(largest, op=dist.ReduceOp.MAX)  # uneven shards: the fullest rank is what must fit
+        held = dict(zip(held, largest.tolist()))
+        log({"step": step + 1, "split": "memory", "processes": world, "fsdp": s.fsdp, **held})
         if master:
-            save_checkpoint(out / "latest", raw_model, optimizer, at_step, settings)
+            where = "CPU" if s.offload or device.type == "cpu" else "GPU"
+            print(f"state per process ({where}, largest of {world}): " + ", ".join(f"{k} {v / 2**20:,.1f} MiB"
+                  for k, v in held.items()) + f"; total {sum(held.values()) / 2**30:.2f} GiB", flush=True)
 
     model.train()
     t0, tokens_seen, start_step = time.time(), 0, step
@@ -269,8 +382,8 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
 
             if s.eval_every and step % s.eval_every == 0:
                 log_eval()
-            if s.save_every and step % s.save_every == 0 and step > 0 and master:
-                gpt.save_model(raw_model, out / f"step_{step:06d}", meta={"stage": stage, "step": step, "settings": settings})
+            if s.save_every and step % s.save_every == 0 and step > 0:
+                save_weights(raw_model, out / f"step_{step:06d}", {"stage": stage, "step": step, "settings": settings}, master)
 
             # Each rank takes every world-th example of the global batch and runs it in micro-batches.
             mine = batch_ids[rank::world]
@@ -281,12 +394,20 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
                 tokens_seen += batch["input_ids"].numel() * world
                 # DDP all-reduces gradients in backward; only the last micro-batch needs to (no_sync skips it)
                 last = i == len(micro) - 1
-                sync = contextlib.nullcontext() if last or world == 1 else model.no_sync()
+                sync = contextlib.nullcontext() if last or world == 1 or s.fsdp else model.no_sync()
+                if s.fsdp:
+                    # FSDP's no_sync: until the last micro-batch keep the weights gathered after backward and the
+                    # gradients whole and unreduced, so a step costs one reduce-scatter and fewer all-gathers, for
+                    # the memory of whole bf16 weights + fp32 gradients meanwhile. --offload is there to save
+                    # memory: it reduces and reshards after every micro-batch.
+                    reduce = last or s.offload
+                    raw_model.set_requires_gradient_sync(reduce)
+                    raw_model.set_reshard_after_backward(reduce)
                 with sync:
                     with gpt.autocast(device, dtype):
                         losses, metrics = loss_fn(model, batch)
                     # Gradient of the mean over the global batch: each micro-batch contributes sum / rows of the
-                    # global batch. DDP then averages over ranks (divides by world): multiply by world to undo it.
+                    # global batch. DDP and FSDP average over ranks (divide by world): multiply by world to undo it.
                     rows_per_example = len(losses) // len(ids)  # 2 when train_on=all: chosen and rejected rows
                     loss = losses.sum() * world / (len(batch_ids) * rows_per_example)
                     scaler.scale(loss).backward()
@@ -299,6 +420,8 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip).item()
             scaler.step(optimizer)
             scaler.update()
+            if step == start_step:  # once, while gradients and optimizer state exist: what each process holds
+                log_state_bytes()
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
@@ -320,8 +443,8 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
         if s.eval_every:
             log_eval()
         checkpoint(step)
+        save_weights(raw_model, out / "final", {"stage": stage, "step": step, "settings": settings}, master)
         if master:
-            gpt.save_model(raw_model, out / "final", meta={"stage": stage, "step": step, "settings": settings})
             print(f"saved {out / 'final'}")
         if world > 1:  # leave together: a rank exiting while another still talks to it aborts the group
             dist.barrier()
