@@ -67,10 +67,10 @@ dpo: $(RUN_DIR)/dpo/final/model.safetensors ## DPO from the SFT checkpoint (gpt2
 $(RUN_DIR)/dpo/final/model.safetensors: $(RUN_DIR)/sft/final/model.safetensors
 	$(LAUNCH) dpo.py --model=$(RUN_DIR)/sft/final --out=$(RUN_DIR)/dpo $(TRAIN)
 
-eval: ## sample at 4 temperatures, judge with gpt-4o-mini vs the chosen response (needs OPENAI_API_KEY)
+eval: ## sample at 4 temperatures, judge with gpt-4o-mini vs the chosen response (needs OPENAI_API_KEY): results.md, samples.md
 	$(PY) judge.py --models=base:$(MODEL),sft:$(RUN_DIR)/sft/final,dpo:$(RUN_DIR)/dpo/final --dpo_steps=$(RUN_DIR)/dpo --n=$(N_EVAL) --out=$(RUN_DIR)/eval
 
-figures: ## Figure 3 (win rate vs temperature, vs DPO step, vs model size), training curves, results.md
+figures: ## Figure 3 (win rate vs temperature, vs DPO step, vs model size), training curves, answer length
 	$(PY) plot.py --out=$(RUN_DIR)/eval --runs=$(RUN_DIR)/sft,$(RUN_DIR)/dpo
 
 all: sft dpo eval figures ## the full GPU replication for MODEL, stage by stage

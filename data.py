@@ -343,6 +343,35 @@ def example_lengths(tok: dict, kind: str) -> np.ndarray:
     return prompt + (chosen if kind == "sft" else np.maximum(chosen, rejected))
 
 
+def select_examples(tok: dict, indices) -> dict[str, np.ndarray]:
+    """The pairs `indices` of a tokenized set (in that order), as a tokenized set of their own."""
+    sub = {"summary": tok["summary"]} if "summary" in tok else {}
+    for part in PARTS:
+        ids, offsets = tok[f"{part}_ids"], tok[f"{part}_offsets"]
+        rows = [ids[offsets[i]: offsets[i + 1]] for i in indices]
+        sub[f"{part}_ids"] = np.concatenate(rows) if rows else ids[:0]
+        sub[f"{part}_offsets"] = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    return sub
+
+
+def one_per_prompt(tok: dict) -> np.ndarray:
+    """Indices of one pair per distinct prompt: the last one, whose chosen response the reference code keeps as its
+    SFT target (it builds a dict by prompt and overwrites `sft_target` with each pair's chosen). Prompts are
+    compared as tokens after truncation, so two prompts that differ only before their last max_prompt_length
+    tokens count as one (rare)."""
+    last = {example(tok, i)[0].tobytes(): i for i in range(n_examples(tok))}  # later pairs overwrite earlier ones
+    return np.sort(np.fromiter(last.values(), dtype=np.int64))
+
+
+def eval_subset(n: int, k: int, seed: int) -> np.ndarray:
+    """k of n held-out example indices, drawn at random and sorted; all n if k >= n; the same for the same seed.
+    Not the first k: HH's test split is read subset by subset (harmless-base first), so the first 256 pairs would
+    describe one subset only. sft.train evaluates these, and dpo.py precomputes reference log-probs for these only."""
+    if k >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 4. Batches
 #

@@ -188,6 +188,9 @@ def main(argv=None):
     policy = sft.load_policy(s)
     reference = copy.deepcopy(policy)  # the same weights, frozen (load_model("tiny") again: another random init)
     reference.requires_grad_(False)
+    # only the held-out pairs that sft.train evaluates (it then takes all of them): their reference log-probs,
+    # not those of all ~8.5K HH test pairs
+    eval_data = data.select_examples(eval_data, data.eval_subset(data.n_examples(eval_data), s.n_eval, s.seed))
     train_batch = lambda ids: data.preference_batch(train_data, ids)  # noqa: E731
     eval_batch = lambda ids: data.preference_batch(eval_data, ids)  # noqa: E731
     if s.reference == "precomputed":

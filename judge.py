@@ -10,12 +10,14 @@ dialogues of Anthropic HH's test split, each model's answer is compared by GPT-4
 answer of the test set, at several sampling temperatures; the base model is prompted 2-shot. The stages:
 
   1. sample  each model answers every evaluation prompt at every temperature -> out/samples/<model>.jsonl
-             (resumable: answers already on disk are reused, only missing ones are generated)
+             (resumable: answers already on disk are reused if the same weights and generation settings made
+             them, only missing ones are generated)
   2. judge   one Chat Completions request per (answer, chosen) pair with the paper's prompt (Appendix C.2),
              A/B order randomised per pair -> out/judgments.jsonl, which is also the cache: a request whose
              exact body was answered before is never paid for twice. `--judge=groundtruth` replaces the LLM by
              the synthetic task's true reward (data.synthetic_reward) for the offline demo.
-  3. score   win rate over valid verdicts with a Wilson 95% interval -> out/results.jsonl and out/results.md
+  3. score   win rate over valid verdicts with a Wilson 95% interval, answer lengths and a length-controlled
+             win rate -> out/results.jsonl and out/results.md; a few answers side by side -> out/samples.md
   4. plot    plot.py draws Figure 3 (left: win rate vs temperature; right: vs DPO training step) and more.
 
 The API key comes from $OPENAI_API_KEY only, and the endpoint from $OPENAI_BASE_URL (default OpenAI's);
@@ -31,6 +33,7 @@ import random
 import threading
 from pathlib import Path
 
+import numpy as np
 import requests
 import torch
 
@@ -55,6 +58,8 @@ class Settings:
     shots: int = 2  # example dialogues (train split) before the prompt for base models (paper: 2-shot)
     batch_size: int = 16  # prompts generated together
     seed: int = 0  # prompt subset, few-shot examples, sampling, A/B order, tie breaks
+    show: int = 8  # evaluation prompts whose answers samples.md shows side by side (a seeded subset)
+    show_temperature: float = -1.0  # samples.md's sampling temperature (-1: the lowest of --temperatures)
     device: str = "auto"  # cuda, mps, cpu or auto
     dtype: str = "auto"  # bfloat16, float16, float32 or auto
     judge: str = "openai"  # openai (LLM judge), groundtruth (synthetic dataset only, no network), none (sample only)
@@ -161,12 +166,53 @@ def clean_response(text: str) -> str:
     return text.removesuffix("\n\nHuman")
 
 
+def weights_fingerprint(path: str) -> str:
+    """What identifies a model's weights: "sha256:<16 hex digits>" of its model.safetensors, or "preset:<name>" for
+    a preset (hub weights are fixed; "tiny" is a random init seeded by --seed). Hashing reads the file once (seconds
+    for gpt2-xl); the hash is cached under the file's path, size, mtime and inode, which any rewrite changes."""
+    if path in model.PRESETS:
+        return f"preset:{path}"
+    file = Path(path) / "model.safetensors" if Path(path).is_dir() else Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"no model at {file}: give a preset, a .safetensors file or a checkpoint directory")
+    st = file.stat()
+    stamp = json.dumps([str(file.resolve()), st.st_size, st.st_mtime_ns, st.st_ino])
+    cached = model.cache_dir() / "fingerprints" / f"{hashlib.sha256(stamp.encode()).hexdigest()[:16]}.txt"
+    if cached.exists():
+        return cached.read_text()
+    fingerprint = "sha256:" + model._sha256(file)[:16]
+    model.atomic_write(cached, lambda f: f.write(fingerprint.encode()))
+    return fingerprint
+
+
+def stored_answers(name: str, path: str, file: Path, generation: dict) -> dict:
+    """Answers in `file` that `path`'s current weights made with these generation settings, keyed by (temperature,
+    prompt, chosen). Others (a model retrained into the same directory, another max_new_tokens, shots or seed, a
+    file from an older judge.py) are dropped from the file, with a one-line reason, and sampled again."""
+    rows = read_jsonl(file)
+    mine = [r for r in rows if r.get("path") == path]
+    stale = [r for r in mine if any(r.get(k) != v for k, v in generation.items())]
+    is_stale = {id(r) for r in stale}
+    if stale:
+        first = stale[0]
+        if "fingerprint" not in first:
+            why = "an older judge.py (no weights fingerprint)"
+        else:
+            why = ", ".join(f"{k} {first.get(k)} (now {v})" for k, v in generation.items() if first.get(k) != v)
+        print(f"sample {name}: {len(stale)} stored answers in {file} were made with {why}; sampling them again")
+        keep = [r for r in rows if id(r) not in is_stale]
+        model.atomic_write(file, lambda f: f.write("".join(json.dumps(r) + "\n" for r in keep).encode()))
+    return {(r["temperature"], r["prompt"], r["chosen"]): r for r in mine if id(r) not in is_stale}
+
+
 def sample_model(name: str, path: str, prompts: list[dict], s: Settings, file: Path) -> list[dict]:
     """One answer per (prompt, temperature), appended to `file` batch by batch. Answers already there are reused
-    whatever settings made them: delete the file to sample again with another max_new_tokens or shots."""
+    only if the same weights (their content hash) and the same generation settings made them."""
     step = checkpoint_step(path)
     shots = s.shots if name == "base" or path in model.HUB_MODELS else 0
-    done = {(r["temperature"], r["prompt"], r["chosen"]): r for r in read_jsonl(file) if r["path"] == path}
+    generation = {"fingerprint": weights_fingerprint(path), "max_new_tokens": s.max_new_tokens, "shots": shots,
+                  "seed": s.seed}  # everything that changes the answers, besides the prompt and the temperature
+    done = stored_answers(name, path, file, generation)
     missing = [(t, p) for t in s.temperatures for p in prompts if (t, p["prompt"], p["chosen"]) not in done]
     if missing:
         print(f"sample {name} ({path}): {len(missing)} answers to generate, {len(done)} reused from {file}")
@@ -192,7 +238,7 @@ def sample_model(name: str, path: str, prompts: list[dict], s: Settings, file: P
                 with model.autocast(device, dtype):
                     new = gpt.generate(ids, s.max_new_tokens, temperature=t, stop=STOP, decode=enc.decode,
                                        generator=gen)
-                rows = [{"model": name, "path": path, "step": step, "temperature": t, "seed": s.seed, "shots": shots,
+                rows = [{"model": name, "path": path, "step": step, "temperature": t, **generation,
                          "prompt": p["prompt"], "response": clean_response(enc.decode(out)), "chosen": p["chosen"]}
                         for p, out in zip(batch, new)]
                 append_jsonl(file, rows)
@@ -436,7 +482,7 @@ def judge_all(comparisons: list[dict], s: Settings, out: Path) -> list[dict]:
               f"({sent} HTTP requests for {len(new)} judgments; the difference is retries)")
     judgments = []
     for c, k in zip(comparisons, keys):
-        j = {**cache[k], **{f: c[f] for f in COMPARISON_FIELDS}}  # a cached answer may come from an identical request
+        j = {**cache[k], **{f: c[f] for f in COMPARISON_FIELDS + ("response", "chosen")}}  # from an identical request
         j["outcome"] = "invalid" if j["verdict"] is None else "win" if j["verdict"] == c["position"] else "loss"
         judgments.append(j)
     return judgments
@@ -461,19 +507,74 @@ def wilson_interval(wins: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def score(judgments: list[dict]) -> list[dict]:
+def logistic_fits(X: np.ndarray, y: np.ndarray, weights: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
+    """Maximum-likelihood logistic regressions P(y = 1 | x) = sigmoid(x . theta), one per row of `weights` (R, n)
+    (each a weighting of the n examples: ones, or bootstrap counts) -> theta (R, k). Newton's method, all R fits at
+    once; the small ridge (ridge/2 |theta|^2) keeps theta finite when x separates the outcomes perfectly."""
+    theta = np.zeros((len(weights), X.shape[1]))
+    for _ in range(100):
+        p = 1 / (1 + np.exp(-theta @ X.T))  # (R, n)
+        grad = (weights * (y - p)) @ X - ridge * theta  # (R, k)
+        hess = np.einsum("rn,ni,nj->rij", weights * p * (1 - p), X, X) + ridge * np.eye(X.shape[1])  # (R, k, k)
+        step = np.linalg.solve(hess, grad[..., None])[..., 0]
+        theta += step
+        if np.abs(step).max() < 1e-9:
+            break
+    return theta
+
+
+def length_controlled_win_rate(wins, length_diff, prompts, n_boot: int = 1000, seed: int = 0):
+    """Win rate at equal length, with a 95% interval: (lc, low, high) over the valid comparisons of one model.
+
+    LLM judges favour longer answers and DPO lengthens them (Park et al. 2024, "Disentangling Length from Quality
+    in Direct Preference Optimization", arXiv:2403.19159), so part of a raw win rate can be length alone. As in
+    AlpacaEval's length-controlled win rate (Dubois et al. 2024, arXiv:2404.04475), in its simplest form: regress
+    the outcome on the length difference d = tokens(model's answer) - tokens(chosen answer), standardised,
+
+        P(win | d) = sigmoid(theta_0 + theta_1 * d / sd(d)),        LC = sigmoid(theta_0)
+
+    i.e. the predicted win rate of an answer exactly as long as the chosen one. If the outcome depends on length
+    only, theta_0 = 0 and LC = 50%; if it does not depend on length, theta_1 = 0 and LC = the raw win rate. d is
+    scaled, never centred: centring would move "equal length" to "the average length difference".
+    Interval: percentile bootstrap over prompts (n_boot resamples of the prompts with replacement, each refitted;
+    the 2.5th and 97.5th percentiles of LC)."""
+    wins, d = np.asarray(wins, dtype=float), np.asarray(length_diff, dtype=float)
+    sd = d.std()
+    X = np.stack([np.ones_like(d), d / sd if sd > 0 else np.zeros_like(d)], axis=1)  # (n, 2)
+    _, prompt_of = np.unique(np.asarray(prompts), return_inverse=True)  # (n,) the prompt of each comparison
+    n_prompts = prompt_of.max() + 1
+    counts = np.random.default_rng(seed).multinomial(n_prompts, np.full(n_prompts, 1 / n_prompts), size=n_boot)
+    weights = np.concatenate([np.ones((1, len(d))), counts[:, prompt_of]])  # row 0: the data; then (n_boot, n)
+    lc = 1 / (1 + np.exp(-logistic_fits(X, wins, weights)[:, 0]))
+    low, high = np.percentile(lc[1:], [2.5, 97.5])
+    return float(lc[0]), float(low), float(high)
+
+
+def score(judgments: list[dict], seed: int = 0) -> list[dict]:
     """One row per (model, step, temperature). The win rate counts valid verdicts only: an invalid one says
-    nothing about which answer is better, so it is left out of the denominator but reported in `invalid`."""
+    nothing about which answer is better, so it is left out of the denominator but reported in `invalid`.
+    Lengths are GPT-2 tokens, averaged over all answers: the model's (response_tokens) and the chosen ones it was
+    compared with (chosen_tokens); lc_win_rate is length_controlled_win_rate over the valid verdicts."""
+    enc, tokens = model.get_tokenizer(), {}
+    count = lambda text: tokens.setdefault(text, len(enc.encode_ordinary(text)))  # noqa: E731  (chosen ones repeat)
     groups = {}
     for j in judgments:
-        groups.setdefault((j["model"], j["step"], j["temperature"]), []).append(j["outcome"])
+        groups.setdefault((j["model"], j["step"], j["temperature"]), []).append(j)
     rows = []
-    for (name, step, t), outcomes in groups.items():
+    for (name, step, t), group in groups.items():
+        outcomes = [j["outcome"] for j in group]
         wins, losses = outcomes.count("win"), outcomes.count("loss")
         lo, hi = wilson_interval(wins, wins + losses)
+        valid = [j for j in group if j["outcome"] != "invalid"]
+        lc = (None, None, None) if not valid else length_controlled_win_rate(
+            [j["outcome"] == "win" for j in valid], [count(j["response"]) - count(j["chosen"]) for j in valid],
+            [j["prompt"] for j in valid], seed=seed)
         rows.append({"model": name, "step": step, "temperature": t, "n": len(outcomes), "wins": wins,
                      "losses": losses, "invalid": outcomes.count("invalid"),
-                     "win_rate": wins / (wins + losses) if wins + losses else None, "ci_low": lo, "ci_high": hi})
+                     "win_rate": wins / (wins + losses) if wins + losses else None, "ci_low": lo, "ci_high": hi,
+                     "lc_win_rate": lc[0], "lc_ci_low": lc[1], "lc_ci_high": lc[2],
+                     "response_tokens": float(np.mean([count(j["response"]) for j in group])),
+                     "chosen_tokens": float(np.mean([count(j["chosen"]) for j in group]))})
     return rows
 
 
@@ -490,15 +591,61 @@ def swap_summary(pairs: list[tuple[dict, dict]]) -> str:
 def write_results(rows: list[dict], out: Path, notes: list[str]) -> None:
     """results.jsonl for plot.py, results.md for the README."""
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    table = ["| model | step | temperature | n | wins | losses | invalid | win rate | 95% CI |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    table = ["| model | step | temperature | n | wins | losses | invalid | win rate | 95% CI | LC win rate | LC 95% CI "
+             "| tokens: model / chosen |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|"]
     for r in rows:
-        rate = "n/a" if r["win_rate"] is None else f"{r['win_rate']:.1%}"
+        rate, lc = ("n/a" if r[k] is None else f"{r[k]:.1%}" for k in ("win_rate", "lc_win_rate"))
+        lc_ci = "n/a" if r["lc_win_rate"] is None else f"{r['lc_ci_low']:.1%} – {r['lc_ci_high']:.1%}"
         table.append(f"| {r['model']} | {'' if r['step'] is None else r['step']} | {r['temperature']} | {r['n']} "
                      f"| {r['wins']} | {r['losses']} | {r['invalid']} | {rate} "
-                     f"| {r['ci_low']:.1%} – {r['ci_high']:.1%} |")
+                     f"| {r['ci_low']:.1%} – {r['ci_high']:.1%} | {lc} | {lc_ci} "
+                     f"| {r['response_tokens']:.1f} / {r['chosen_tokens']:.1f} |")
     (out / "results.md").write_text("\n".join(table + [""] + notes) + "\n")
     print("\n".join(table + [""] + notes))
+
+
+def comparison_sentence(content: str) -> str:
+    """The LLM judge's "Comparison: ..." sentence (Appendix C.2's format), or its first line."""
+    lines = [line.strip() for line in content.strip().splitlines() if line.strip()] or [""]
+    said = [line.split(":", 1)[1].strip() for line in lines if line.lower().lstrip("*_ ").startswith("comparison")]
+    return said[0] if said else lines[0]
+
+
+def write_samples(judged: list[dict], s: Settings, temperature: float, out: Path) -> None:
+    """samples.md: a seeded handful (--show) of evaluation prompts at one temperature, each with the test set's
+    chosen answer, every model's answer side by side, and each verdict, with the LLM judge's one-sentence
+    comparison or the true rewards of the synthetic task. What DPO changed, to read rather than to count.
+    `judged`: judgments, or plain samples (no "outcome") when nothing was judged."""
+    cell = lambda text: text.strip().replace("|", "\\|").replace("\n", "<br>") or "(empty)"  # noqa: E731
+    rows = [j for j in judged if j["temperature"] == temperature and j["model"] != STEPS_MODEL and not j.get("swap")]
+    names = list(dict.fromkeys(j["model"] for j in rows))
+    by_prompt = {}
+    for j in rows:
+        by_prompt.setdefault(j["prompt"], {})[j["model"]] = j
+    prompts = list(by_prompt)
+    picked = sorted(random.Random(s.seed).sample(range(len(prompts)), min(s.show, len(prompts))))
+    lines = [f"# Answers side by side: {len(picked)} evaluation prompts at temperature {temperature}", "",
+             f"A seeded subset (--seed={s.seed}, --show={s.show}) of the prompts scored in results.md; each model's "
+             "answer is compared with the test set's chosen answer.", ""]
+    for k, i in enumerate(picked, 1):
+        answers = by_prompt[prompts[i]]
+        first = next(iter(answers.values()))
+        lines += [f"## {k}. {cell(query_text(first['prompt']))}", "",
+                  "| | chosen (test set) | " + " | ".join(names) + " |", "|---|" + "---|" * (len(names) + 1),
+                  "| answer | " + cell(first["chosen"]) + " | "
+                  + " | ".join(cell(answers[n]["response"]) if n in answers else "" for n in names) + " |"]
+        if any("outcome" in j for j in answers.values()):
+            def verdict(j):
+                if "reward_model" in j:  # the ground-truth judge: the true rewards decided
+                    return f"{j['outcome']} (reward {j['reward_model']:g} vs {j['reward_chosen']:g})"
+                return j["outcome"]
+            lines.append("| verdict | | " + " | ".join(verdict(answers[n]) if n in answers else "" for n in names) + " |")
+        if any("content" in j for j in answers.values()):
+            lines.append("| judge's comparison | | " + " | ".join(
+                cell(comparison_sentence(answers[n].get("content") or "")) if n in answers else "" for n in names) + " |")
+        lines.append("")
+    (out / "samples.md").write_text("\n".join(lines))
+    print(f"wrote {out / 'samples.md'}: {len(picked)} prompts at temperature {temperature}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -510,6 +657,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise ValueError(f"--judge is openai, groundtruth or none, got {s.judge!r}")
     if s.judge == "groundtruth" and s.dataset != "synthetic":
         raise ValueError("--judge=groundtruth needs --dataset=synthetic: only that task has a known true reward")
+    show_temperature = min(s.temperatures) if s.show_temperature == -1 else s.show_temperature
+    if show_temperature not in s.temperatures:
+        raise ValueError(f"--show_temperature={s.show_temperature} is not one of --temperatures {s.temperatures}")
     print(json.dumps(model.settings_dict(s)))
     out = Path(s.out)
     (out / "samples").mkdir(parents=True, exist_ok=True)
@@ -523,6 +673,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for path in step_checkpoints(s.dpo_steps) if s.dpo_steps else []:
         samples += sample_model(STEPS_MODEL, path, prompts, s, out / "samples" / f"dpo_{Path(path).name}.jsonl")
     if s.judge == "none":
+        write_samples(samples, s, show_temperature, out)
         return []
 
     comparisons = [{**x, "position": model_position(s.seed, x), "swap": False} for x in samples]
@@ -530,13 +681,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     swapped = [{**comparisons[i], "position": "AB".replace(comparisons[i]["position"], ""), "swap": True}
                for i in picked]
     judgments = judge_all(comparisons + swapped, s, out)
-    rows = score(judgments[: len(comparisons)])  # the swapped copies only measure the judge
+    rows = score(judgments[: len(comparisons)], s.seed)  # the swapped copies only measure the judge
     notes = [f"Judge: {s.judge_model if s.judge == 'openai' else 'true reward of the synthetic task'}. Win rate = "
              "wins / (wins + losses) against the test set's chosen answer; invalid verdicts (unparseable after one "
-             "retry) are excluded from it and counted. 95% CI: Wilson score interval."]
+             "retry) are excluded from it and counted. 95% CI: Wilson score interval.",
+             "LC win rate: length-controlled, the win rate a logistic regression of the verdict on the standardised "
+             "length difference (model minus chosen, in tokens) predicts at equal length; 95% CI: bootstrap over "
+             "prompts. Tokens: mean GPT-2 tokens of the model's answers / of the chosen answers. Answers to read: "
+             "samples.md."]
     if swapped:
         notes.append(swap_summary(list(zip([judgments[i] for i in picked], judgments[len(comparisons) :]))))
     write_results(rows, out, notes)
+    write_samples(judgments[: len(comparisons)], s, show_temperature, out)
     print(f"next: python plot.py --out={out}")
     return rows
 

@@ -9,6 +9,8 @@ Reads what judge.py and the training runs wrote and draws, in `--out`:
   fig3_steps.png        Figure 3 right: DPO win rate vs training step (judge.py --dpo_steps), one line per temperature
   win_rate_vs_size.png  win rate vs GPT-2 size, from every eval dir matching --sizes (skipped with fewer than 2)
   training.png          training curves from metrics.jsonl: SFT eval loss; DPO loss, reward accuracy, reward margin
+  length.png            answer length per model vs temperature (the chosen answers' as a dashed line), and raw vs
+                        length-controlled win rate: DPO lengthens answers, judges like length (judge.py's score)
 
 The numbers themselves are in results.md (judge.py), ready to include in the README.
 """
@@ -133,6 +135,43 @@ def plot_training(run_dirs: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_length(rows: list[dict], path: Path) -> None:
+    """Left: mean answer tokens vs temperature per model, and the chosen answers' mean. Right: raw win rate (solid,
+    Wilson interval) and length-controlled win rate (dashed, bootstrap interval) vs temperature per model. A gap
+    between the two lines is the part of the win rate that length explains."""
+    rows = [r for r in rows if r["model"] != STEPS_MODEL]
+    old = [r for r in rows if not {"response_tokens", "chosen_tokens", "lc_win_rate"} <= set(r)]
+    if old:
+        print(f"results.jsonl: {len(old)} rows without answer lengths or LC win rate, written by an older judge.py; "
+              f"rerun judge.py with the same settings to rescore, then plot.py. Skipping {path.name}")
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for k, (name, group) in enumerate(group_by(rows, "model").items()):
+        group = sorted(group, key=lambda r: r["temperature"])
+        color = f"C{k}"
+        left.plot([r["temperature"] for r in group], [r["response_tokens"] for r in group], marker="o", color=color,
+                  label=name)
+        for key, low, high, style, what in (("win_rate", "ci_low", "ci_high", "-", "raw"),
+                                            ("lc_win_rate", "lc_ci_low", "lc_ci_high", "--", "LC")):
+            shown = [r for r in group if r[key] is not None]
+            right.errorbar([r["temperature"] for r in shown], [r[key] for r in shown], capsize=3, marker="o",
+                           yerr=[[max(0, r[key] - r[low]) for r in shown], [max(0, r[high] - r[key]) for r in shown]],
+                           ls=style,
+                           color=color, label=f"{name} {what}")
+    chosen = sum(r["chosen_tokens"] for r in rows) / len(rows)
+    left.axhline(chosen, color="gray", ls="--", lw=0.8, label="chosen answers")
+    left.set(xlabel="sampling temperature", ylabel="mean answer length (GPT-2 tokens)", title="Answer length")
+    right.axhline(0.5, color="gray", lw=0.8, ls="--")
+    right.set(xlabel="sampling temperature", ylabel="win rate vs chosen", ylim=(0, 1),
+              title="Raw (solid) vs length-controlled (dashed) win rate")
+    left.legend()
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     s = model.parse_settings(Settings, argv)
     out = Path(s.out)
@@ -143,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     plot_steps(rows, out / "fig3_steps.png")
     plot_sizes(s.sizes, s.size_temperature, out / "win_rate_vs_size.png")
     plot_training([r for r in s.runs.split(",") if r], out / "training.png")
+    plot_length(rows, out / "length.png")
 
 
 if __name__ == "__main__":

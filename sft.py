@@ -60,7 +60,9 @@ class Settings:
     max_prompt_length: int = 256  # a longer prompt keeps its last tokens
     truncation: str = "truncate"  # truncate over-long pairs (reference code) or drop them
     train_on: str = "chosen"  # chosen: loss on the chosen response (SFT); all: every token of both conversations
-    n_eval: int = 256  # held-out test examples for periodic evaluation
+    n_eval: int = 256  # held-out test examples for periodic evaluation (a seeded random subset of the test split)
+    group_by_length: bool = True  # batches of similar lengths (less padding); false: random, as the reference code
+    sft_targets: str = "every_pair"  # every_pair: every pair's chosen; one_per_prompt: one per prompt (reference)
     # model
     model: str = "gpt2"  # gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny (random init), or a checkpoint directory
     grad_checkpoint: bool = False  # recompute activations in backward: fits gpt2-large/xl in less memory
@@ -102,8 +104,11 @@ def sequence_logps(model, batch):
     against long rambling (rejected) answers and changes what beta means.
     """
     mask = batch["loss_mask"]
-    logits = model(batch["input_ids"], select=mask)  # (N, V): only the N masked positions need the vocabulary
-    # cross_entropy = -log_softmax(logits)[target], fused; fp32 because bf16 log-probs lose ~3 digits
+    # (N, V) fp32 logits at the N masked positions only: GPT.logits projects in fp32 even under bf16 autocast, since
+    # casting bf16 logits afterwards would not undo their rounding (~0.1 nat per token at GPT-2's logit sizes).
+    logits = model(batch["input_ids"], select=mask)
+    # cross_entropy = -log_softmax(logits)[target], fused, in fp32; .float() is a no-op for our GPT and only
+    # upcasts other models run through this function (bench.py's transformers wrapper)
     logp = -F.cross_entropy(logits.float(), batch["target_ids"][mask], reduction="none")  # (N,)
     rows = mask.nonzero()[:, 0]  # the row of each masked position, in the same (row-major) order as x[mask]
     return torch.zeros(mask.shape[0], device=logp.device).index_add(0, rows, logp)  # (B,)
@@ -279,7 +284,8 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
     """Train `model` with `loss_fn(model, batch) -> (per-example losses (B,), {metric: (B,)})`.
 
     train_batch(indices) / eval_batch(indices) -> dict of tensors (input_ids, target_ids, loss_mask, ...) for
-    those training / held-out examples; the first min(n_eval, s.n_eval) held-out examples are evaluated.
+    those training / held-out examples; a seeded random subset of min(n_eval, s.n_eval) of the n_eval held-out
+    examples (data.eval_subset) is evaluated, the same one at every evaluation.
     `lengths` (one per training example) drive the length-grouped, seeded, resumable batch order of data.py.
     """
     rank, world, local_rank, device, dtype, reason = setup(s)
@@ -310,7 +316,7 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
     if world > 1 and not s.fsdp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
-    order = (0, data.epoch_batches(lengths, s.batch_size, s.seed, 0))  # (epoch, its batches), redone each epoch
+    order = (0, data.epoch_batches(lengths, s.batch_size, s.seed, 0, s.group_by_length))  # (epoch, its batches)
     batches_per_epoch = len(order[1])
     total = s.max_steps or s.epochs * batches_per_epoch
     if batches_per_epoch == 0:
@@ -327,7 +333,7 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
         sums, count = {}, torch.zeros((), device=device)
         with torch.no_grad():
             n = min(s.n_eval, n_eval)
-            ids = list(range(n))[rank::world]
+            ids = data.eval_subset(n_eval, s.n_eval, s.seed).tolist()[rank::world]  # a seeded subset
             chunks = [ids[i : i + s.micro_batch_size] for i in range(0, len(ids), s.micro_batch_size)]
             if s.fsdp:  # each forward gathers weights from every rank: all ranks run as many, extras count nothing
                 chunks += [[]] * (math.ceil(math.ceil(n / world) / s.micro_batch_size) - len(chunks))
@@ -374,7 +380,7 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
         while step < total:
             epoch, index = divmod(step, batches_per_epoch)
             if epoch != order[0]:
-                order = (epoch, data.epoch_batches(lengths, s.batch_size, s.seed, epoch))
+                order = (epoch, data.epoch_batches(lengths, s.batch_size, s.seed, epoch, s.group_by_length))
             batch_ids = order[1][index]  # the global batch of this step, e.g. (64,) example indices
             lr = s.lr * min(1.0, (step + 1) / max(1, s.warmup_steps))  # linear warmup, then constant
             for group in optimizer.param_groups:
@@ -522,6 +528,11 @@ def main(argv=None):
     if s.train_on not in ("chosen", "all"):
         raise SystemExit(f"--train_on must be chosen or all, got {s.train_on!r}")
     on, stage = ("response", "sft") if s.train_on == "chosen" else ("all", "pretrain")
+    if s.sft_targets not in ("every_pair", "one_per_prompt"):
+        raise SystemExit(f"--sft_targets must be every_pair or one_per_prompt, got {s.sft_targets!r}")
+    if s.sft_targets == "one_per_prompt":  # the reference code's SFT set: one chosen response per prompt
+        train_data = data.select_examples(train_data, data.one_per_prompt(train_data))
+        print(f"--sft_targets=one_per_prompt: {data.n_examples(train_data)} training examples, one per prompt")
     train(s, load_policy(s), sft_loss, lambda ids: data.sft_batch(train_data, ids, on=on),
           lambda ids: data.sft_batch(eval_data, ids, on=on), data.n_examples(eval_data),
           data.example_lengths(train_data, "sft" if on == "response" else "pref"), stage)

@@ -30,5 +30,6 @@ def test_make_demo_runs_end_to_end(tmp_path):
     cells = {(r["model"], r["temperature"]) for r in rows}
     assert cells >= {(m, t) for m in ("base", "sft", "dpo") for t in (0.25, 0.5, 0.75, 1.0)}, sorted(cells)
     assert all(r["wins"] + r["losses"] + r["invalid"] == 8 for r in rows if r["model"] != "dpo_steps"), rows
-    for name in ("results.md", "fig3_temperature.png", "training.png"):
+    assert all(r["lc_win_rate"] is not None and r["response_tokens"] > 0 and r["chosen_tokens"] > 0 for r in rows), rows
+    for name in ("results.md", "samples.md", "fig3_temperature.png", "training.png", "length.png"):
         assert (out / "eval" / name).stat().st_size > 0, name

@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+import torch
 
 import data
 import judge
@@ -194,7 +195,8 @@ def test_score_counts_invalid_outside_the_denominator():
     """Catches: invalid verdicts counted as losses (or silently dropped from n), and rows merged across
     temperatures or models."""
     outcomes = {0.5: ["win", "win", "loss", "invalid"], 1.0: ["loss", "loss"]}
-    judgments = [{"model": "dpo", "step": 3, "temperature": t, "outcome": o} for t, os in outcomes.items() for o in os]
+    judgments = [{"model": "dpo", "step": 3, "temperature": t, "outcome": o, "prompt": f"q{i}", "response": " a",
+                  "chosen": " b"} for t, os in outcomes.items() for i, o in enumerate(os)]
     rows = judge.score(judgments)
     assert [(r["temperature"], r["n"], r["wins"], r["losses"], r["invalid"]) for r in rows] == [
         (0.5, 4, 2, 1, 1), (1.0, 2, 0, 2, 0)]
@@ -345,3 +347,140 @@ def test_dpo_steps_give_figure_3_right(tmp_path):
         ("sft", None), (judge.STEPS_MODEL, 100), (judge.STEPS_MODEL, 200)]
     plot.main([f"--out={tmp_path}", "--runs=", f"--sizes={tmp_path}/none"])
     assert (tmp_path / "fig3_steps.png").stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Length: the length-controlled win rate against cases with a known answer
+
+
+def test_lc_win_rate_known_answers():
+    """Catches a wrong LC estimator: d centred before the fit (LC would then equal the raw win rate even when
+    length decides everything), the slope's coefficient reported instead of the intercept's, the sigmoid left out,
+    a bootstrap over rows instead of prompts, or an interval not around the estimate. Oracles: (1) d takes two
+    values, 0 and 5: the fitted sigmoid(theta_0) is, in closed form, the win rate among the equal-length
+    comparisons; (2) an outcome that depends on length only gives 50% however long the answers are; (3) an outcome
+    independent of length gives the raw win rate."""
+    d = np.array([0] * 100 + [5] * 100)
+    wins = np.array([1] * 30 + [0] * 70 + [1] * 90 + [0] * 10)
+    lc, low, high = judge.length_controlled_win_rate(wins, d, range(200))
+    se = (0.3 * 0.7 / 100) ** 0.5
+    assert lc == pytest.approx(0.30, abs=1e-3), f"LC {lc}: the win rate at d = 0 is 30% (raw {wins.mean()})"
+    assert low < lc < high and high - low == pytest.approx(2 * 1.96 * se, rel=0.25), (low, high, 2 * 1.96 * se)
+    # the same comparisons, each judged twice under one prompt: resampling prompts keeps the interval's width
+    twice = judge.length_controlled_win_rate(np.repeat(wins, 2), np.repeat(d, 2), np.repeat(np.arange(200), 2))
+    assert twice[2] - twice[1] == pytest.approx(high - low, rel=0.25), f"interval {twice[1:]} vs {(low, high)}"
+
+    rng = np.random.default_rng(0)
+    d = rng.normal(10, 10, 4000).round()  # the model's answers are mostly longer than the chosen ones
+    by_length = rng.random(4000) < 1 / (1 + np.exp(-0.3 * d))
+    lc, low, high = judge.length_controlled_win_rate(by_length, d, range(4000))
+    assert by_length.mean() > 0.75 and abs(lc - 0.5) < 0.05 and low < 0.5 < high, (by_length.mean(), lc, low, high)
+    independent = rng.random(4000) < 0.7
+    lc, low, high = judge.length_controlled_win_rate(independent, d, range(4000))
+    assert abs(lc - independent.mean()) < 0.02 and low < independent.mean() < high, (independent.mean(), lc, low, high)
+    lc, _, _ = judge.length_controlled_win_rate([1, 0, 1, 1], [3, 3, 3, 3], range(4))  # equal lengths: raw
+    assert lc == pytest.approx(0.75, abs=1e-3), lc
+
+
+def test_results_carry_lengths_and_lc_win_rate(tmp_path):
+    """Catches length columns computed from the wrong text (the prompt, or the model's answer for both), in
+    characters instead of tokens, or missing from results.jsonl / results.md."""
+    enc = model.get_tokenizer()
+    judgments = [{"model": "dpo", "step": None, "temperature": 1.0, "outcome": o, "prompt": f"q{i}",
+                  "response": " one two three" * (i + 1), "chosen": " yes"} for i, o in enumerate(["win", "loss", "win"])]
+    (row,) = judge.score(judgments)
+    assert row["response_tokens"] == pytest.approx(np.mean([len(enc.encode_ordinary(j["response"])) for j in judgments]))
+    assert row["response_tokens"] == 6 and row["chosen_tokens"] == 1, row
+    assert 0 < row["lc_ci_low"] <= row["lc_win_rate"] <= row["lc_ci_high"] < 1, row
+    judge.write_results([row], tmp_path, [])
+    assert "LC win rate" in (tmp_path / "results.md").read_text()
+    assert judge.read_jsonl(tmp_path / "results.jsonl")[0]["lc_win_rate"] == row["lc_win_rate"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stale samples, older files, samples.md
+
+
+def test_a_checkpoint_overwritten_in_place_is_sampled_again(tmp_path, capsys):
+    """Catches answers reused by checkpoint path alone: retraining into the same run directory and running
+    `make eval` again would bring back the old model's answers and verdicts, silently. Also another max_new_tokens
+    must resample, and an unchanged checkpoint must not."""
+    ckpt = tmp_path / "dpo" / "final"
+    torch.manual_seed(0)
+    model.save_model(model.GPT(model.PRESETS["tiny"]), ckpt)
+    argv = SYNTHETIC + [f"--models=dpo:{ckpt}", f"--out={tmp_path / 'eval'}", "--temperatures=1.0"]
+    file = tmp_path / "eval" / "samples" / "dpo.jsonl"
+    first = judge.main(argv)
+    before = judge.read_jsonl(file)
+    judge.main(argv)
+    assert judge.read_jsonl(file) == before and "sampling them again" not in capsys.readouterr().out
+    other = model.GPT(model.PRESETS["tiny"])  # other weights, same path, same size: a model that only says EOT
+    with torch.no_grad():
+        other.ln_f.weight.zero_()
+        other.ln_f.bias.copy_(1000 * other.wte.weight[model.EOT])  # every hidden state points at EOT's embedding
+    model.save_model(other, ckpt)
+    second = judge.main(argv)
+    out = capsys.readouterr().out
+    assert "4 stored answers" in out and "were made with fingerprint sha256:" in out, out
+    after = judge.read_jsonl(file)
+    assert len(after) == 4 and [r["response"] for r in after] != [r["response"] for r in before], after
+    assert {r["fingerprint"] for r in after}.isdisjoint({r["fingerprint"] for r in before})
+    assert [r["response_tokens"] for r in first] == [8] and [r["response_tokens"] for r in second] == [0], (first, second)
+    judge.main(argv + ["--max_new_tokens=6"])
+    assert "max_new_tokens 8 (now 6)" in capsys.readouterr().out
+
+
+def test_older_samples_and_results_files_get_a_clear_message(tmp_path, capsys, monkeypatch):
+    """Catches a KeyError (or silent reuse) on files from an older judge.py: samples without a weights fingerprint
+    (or even without a path) must be sampled again with a message; results.jsonl without the length columns must
+    make plot.py say to rescore, and still draw the other figures."""
+    samples = tmp_path / "samples" / "sft.jsonl"
+    samples.parent.mkdir(parents=True)
+    old = {"model": "sft", "path": "tiny", "step": None, "temperature": 1.0, "seed": 0, "shots": 0,
+           "prompt": judge.eval_prompts("synthetic", 4, 0)[0]["prompt"], "response": " old", "chosen": " x"}
+    samples.write_text(json.dumps(old) + "\n" + json.dumps({"response": " older still"}) + "\n")
+    judge.main(SYNTHETIC + ["--models=sft:tiny", f"--out={tmp_path}", "--temperatures=1.0"])
+    assert "were made with an older judge.py (no weights fingerprint); sampling them again" in capsys.readouterr().out
+    assert all("fingerprint" in r for r in judge.read_jsonl(samples) if r.get("path") == "tiny")
+    rows = [{k: v for k, v in r.items() if k not in ("lc_win_rate", "response_tokens")}
+            for r in judge.read_jsonl(tmp_path / "results.jsonl")]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plot.main([f"--out={tmp_path}", "--runs=", f"--sizes={tmp_path}/none"])
+    out = capsys.readouterr().out
+    assert "written by an older judge.py; rerun judge.py with the same settings to rescore" in out, out
+    assert (tmp_path / "fig3_temperature.png").exists() and not (tmp_path / "length.png").exists()
+
+
+def test_samples_md_shows_answers_verdicts_and_the_judges_sentence(fake_openai, tmp_path):
+    """Catches samples.md missing a model, showing answers of another temperature or of another prompt than the
+    one in its heading, verdicts not matching the scored ones, the LLM judge's comparison left out, or a subset
+    that changes from run to run."""
+    for seed, name in enumerate(("sft", "dpo")):  # two different models: their answers (and requests) differ
+        torch.manual_seed(seed)
+        model.save_model(model.GPT(model.PRESETS["tiny"]), tmp_path / name)
+    argv = ["--dataset=synthetic", f"--models=sft:{tmp_path / 'sft'},dpo:{tmp_path / 'dpo'}", "--n=5", "--max_new_tokens=4", "--show=3",
+            "--temperatures=0.5,1.0", f"--out={tmp_path}", "--timeout_s=5"]
+    judge.main(argv)
+    text = (tmp_path / "samples.md").read_text()
+    assert text.startswith("# Answers side by side: 3 evaluation prompts at temperature 0.5"), text[:200]
+    sections = text.split("\n## ")[1:]
+    assert len(sections) == 3 and all("| | chosen (test set) | sft | dpo |" in x for x in sections), text
+    judged = {(j["model"], j["prompt"]): j for j in judge.read_jsonl(tmp_path / "judgments.jsonl")
+              if j["temperature"] == 0.5}
+    samples = {(r["model"], r["prompt"]): r for name in ("sft", "dpo")
+               for r in judge.read_jsonl(tmp_path / "samples" / f"{name}.jsonl") if r["temperature"] == 0.5}
+    for section in sections:
+        query = section.splitlines()[0].split(". ", 1)[1]
+        ((_, prompt),) = {k for k in samples if k[0] == "sft" and judge.query_text(k[1]) == query}
+        answer_row = next(line for line in section.splitlines() if line.startswith("| answer |"))
+        verdict_row = next(line for line in section.splitlines() if line.startswith("| verdict |"))
+        cells = [c.strip() for c in answer_row.split(" | ")]
+        assert cells[1] == samples[("sft", prompt)]["chosen"].strip() or cells[1] == "(empty)", answer_row
+        for i, name in enumerate(("sft", "dpo")):
+            assert samples[(name, prompt)]["response"].strip().replace("|", "\\|") in cells[2 + i], (name, answer_row)
+        outcomes = ["win" if judged[(n, prompt)]["verdict"] == judged[(n, prompt)]["position"] else "loss"
+                    for n in ("sft", "dpo")]
+        assert verdict_row == "| verdict | | " + " | ".join(outcomes) + " |", (verdict_row, outcomes)
+        assert "| judge's comparison | | one is better. | one is better. |" in section, section
+    judge.main(argv)
+    assert (tmp_path / "samples.md").read_text() == text, "samples.md changed between two identical runs"

@@ -156,6 +156,58 @@ def test_fused_logps_equal_unpadded_per_example_logps():
         assert (diff <= tol).all(), f"{name} {got.tolist()}\nunfused {want.tolist()}\nmax abs diff {diff.max().item()}"
 
 
+def gpt2_like_logits_model() -> model.GPT:
+    """SMALL with GPT-2's logit magnitudes: every logit near -100 (here -104 to -91), as GPT-2's are. All token
+    embeddings share a large direction u, and ln_f's bias pulls the final hidden state against it, so
+    h . wte_i = h . e_i + h . (20 u) carries a common offset of about -100 (GPT-2 learned such a shared component).
+    The large embeddings also make the residual stream, and so ln_f's output, nearly insensitive to the blocks'
+    bf16 rounding: what is left between bf16 autocast and fp32 is the vocabulary projection's precision."""
+    m = small_model().eval()
+    u = torch.tensor([1.0, -1.0] * (SMALL.n_embd // 2)) / math.sqrt(SMALL.n_embd)  # zero mean: LayerNorm keeps it
+    with torch.no_grad():
+        m.wte.weight.mul_(15).add_(20 * u)  # tied: the embedding and the output projection
+        m.ln_f.bias.copy_(-10.5 * u)
+    return m
+
+
+def test_log_probs_under_bf16_autocast_match_fp32_at_gpt2_logit_sizes(cache):
+    """Catches a vocabulary projection that runs in bf16 under autocast (the fp32 cast coming after the rounding):
+    bf16 spacing at |logit| ~ 100 is 0.5, which put 0.9 nat of error into 6-22-token sequences here (see the
+    message when it fails), a reward-margin noise of 0.09 at beta = 0.1. Summed log-probs under bf16 autocast must
+    match fp32 to 0.05 nat per sequence in training (sequence_logps), in the reference precompute, and the logits
+    that sampling draws from must be fp32 and match too."""
+    m = gpt2_like_logits_model()
+    tok = small_pairs(n=8)
+    batch = data.preference_batch(tok, range(8))
+    with torch.no_grad():
+        logits = m(batch["input_ids"])
+        assert -110 < logits.min() and logits.max() < -85, f"logits {logits.min():.1f} to {logits.max():.1f}"
+        want = sft.sequence_logps(m, batch)  # fp32, no autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = sft.sequence_logps(m, batch)
+    assert got.dtype == torch.float32, got.dtype
+    err = (got - want).abs()
+    assert err.max() <= 0.05, f"training log-probs, bf16 vs fp32: per-sequence errors {err.tolist()}, max {err.max()}"
+
+    tables = {dtype: dpo.reference_logps(settings(dpo.Settings, dtype=dtype), m, tok, "train")
+              for dtype in ("float32", "bfloat16")}
+    err = np.abs(tables["bfloat16"] - tables["float32"])
+    assert err.max() <= 0.05, f"reference log-probs, bf16 vs fp32: errors {err.tolist()}, max {err.max()}"
+
+    seen = []
+    sample_next = model.sample_next
+    spy = lambda logits, *a, **k: seen.append(logits) or sample_next(logits, *a, **k)  # noqa: E731
+    prompt = tok["prompt_ids"][: tok["prompt_offsets"][1]].tolist()
+    for autocast in (torch.autocast("cpu", enabled=False), torch.autocast("cpu", dtype=torch.bfloat16)):
+        with autocast, pytest.MonkeyPatch.context() as mp:
+            mp.setattr(model, "sample_next", spy)
+            m.generate([prompt], 1, temperature=1.0)
+    fp32, bf16 = seen
+    assert bf16.dtype == torch.float32, f"sampling draws from {bf16.dtype} logits"
+    err = (bf16 - fp32).abs().max().item()
+    assert err <= 0.05, f"sampling logits, bf16 vs fp32: max abs diff {err}"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The DPO loss: closed forms at hand-computed points
 
@@ -441,6 +493,80 @@ def test_reference_cache_is_keyed_by_the_tokens(cache):
         diff = (torch.from_numpy(table) - want).abs().max().item()
         assert diff <= 1e-4, \
             f"pairs of seed {seed}: table {table.tolist()}\nexpected {want.tolist()}\nmax abs diff {diff}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Which examples: the held-out subset, the batch order, the SFT targets
+
+
+def spy_batches(tok, calls: list):
+    """A batch function that records the example indices of every batch it builds."""
+    def fn(ids):
+        calls.append([int(i) for i in ids])
+        return data.sft_batch(tok, ids)
+    return fn
+
+
+def test_evaluation_uses_the_same_seeded_subset_of_the_whole_split(tmp_path):
+    """Catches evaluating the first n_eval held-out pairs (HH's test split is read subset by subset, so its first
+    256 pairs are all harmless-base: the eval curves would describe one subset), and a subset that changes between
+    evaluations (the curve would mix noise from different pairs into its trend)."""
+    tok, evaluated = category_pairs(32), []
+    s = settings(out=str(tmp_path), n_eval=8, eval_every=1, max_steps=2, micro_batch_size=8)
+    sft.train(s, small_model(), sft.sft_loss, lambda ids: data.sft_batch(tok, ids), spy_batches(tok, evaluated), 32,
+              data.example_lengths(tok, "sft"), "sft")
+    want = data.eval_subset(32, 8, s.seed).tolist()
+    assert evaluated == [want] * 3, f"evaluated {evaluated} at steps 0, 1, 2; want {want} each time"
+    assert want != list(range(8)) and max(want) >= 16, f"subset {want} is not spread over the 32 held-out pairs"
+    assert data.eval_subset(32, 8, 1).tolist() != want and data.eval_subset(5, 8, 0).tolist() == list(range(5))
+
+
+def test_dpo_precomputes_reference_logps_only_for_the_evaluated_rows(tmp_path, cache, monkeypatch):
+    """Catches precomputing the reference over the whole test split (~8.5K HH pairs: minutes of a GPU for 256
+    used rows), and a table whose rows are not the evaluated pairs (the step-0 eval loss would then not be log 2)."""
+    monkeypatch.setattr(data, "load_pairs", lambda dataset, split: data.synthetic_pairs(split, n=16))
+    sizes, reference_logps = {}, dpo.reference_logps
+    spy = lambda s, ref, tok, split: sizes.setdefault(split, data.n_examples(tok)) and reference_logps(s, ref, tok, split)  # noqa: E731
+    monkeypatch.setattr(dpo, "reference_logps", spy)
+    out = tmp_path / "run"
+    dpo.main([f"--{k}={v}" for k, v in {**FAST, "batch_size": 4, "micro_batch_size": 4}.items()] + [
+        "--model=tiny", "--dataset=synthetic", f"--out={out}", "--max_steps=1", "--n_eval=4", "--eval_every=1"])
+    assert sizes == {"train": 16, "test": 4}, f"reference log-probs computed for {sizes} pairs; want test: 4"
+    loss = records(out, "eval")[0]["loss"]
+    assert abs(loss - LOG2) <= 1e-5, f"step-0 eval loss {loss}, log 2 = {LOG2}: reference rows are not the eval rows"
+
+
+@pytest.mark.parametrize("group_by_length", [True, False])
+def test_group_by_length_switch_sets_the_batch_order(tmp_path, group_by_length):
+    """Catches --group_by_length not reaching the sampler (the reference code's random batches could then not be
+    reproduced): the training batches must be exactly data.epoch_batches' with that flag."""
+    tok, trained = category_pairs(32), []
+    s = settings(out=str(tmp_path), max_steps=3, micro_batch_size=8, group_by_length=group_by_length)
+    lengths = data.example_lengths(tok, "sft")
+    sft.train(s, small_model(), sft.sft_loss, spy_batches(tok, trained), None, 32, lengths, "sft")
+    want = [b.tolist() for b in data.epoch_batches(lengths, 8, s.seed, 0, group_by_length=group_by_length)[:3]]
+    assert trained == want, f"group_by_length={group_by_length}: trained on {trained}, want {want}"
+
+
+def test_sft_targets_one_per_prompt_keeps_the_last_pair_of_each_prompt(monkeypatch):
+    """Catches --sft_targets=one_per_prompt not reaching the training set, or keeping another pair than the
+    reference code (its dict by prompt ends up with the LAST pair's chosen response as the SFT target)."""
+    pairs = [{"prompt": f"{data.HUMAN} Q{q}?{data.ASSISTANT}", "chosen": f" answer {i}", "rejected": " no"}
+             for i, q in enumerate([0, 1, 0, 2, 1, 0])]
+    tok = data.tokenize_pairs(pairs, max_length=64, max_prompt_length=32)
+    assert data.one_per_prompt(tok).tolist() == [3, 4, 5], data.one_per_prompt(tok)
+    monkeypatch.setattr(sft, "prepare", lambda cls, argv, stage: (model.parse_settings(cls, argv), tok, tok))
+    monkeypatch.setattr(sft, "load_policy", lambda s: None)
+    trained = {}
+    monkeypatch.setattr(sft, "train", lambda s, m, loss_fn, train_batch, eval_batch, n_eval, lengths, stage:
+                        trained.update(lengths=lengths, batch=train_batch(range(len(lengths)))))
+    enc = model.get_tokenizer()
+    for targets, want in (("every_pair", range(6)), ("one_per_prompt", [3, 4, 5])):
+        sft.main([f"--sft_targets={targets}"])
+        batch = trained["batch"]
+        answers = [enc.decode(row[mask].tolist()) for row, mask in zip(batch["target_ids"], batch["loss_mask"])]
+        assert len(trained["lengths"]) == len(want) and answers == [f" answer {i}<|endoftext|>" for i in want], \
+            f"--sft_targets={targets}: SFT targets {answers}, want the chosen answers of pairs {list(want)}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
