@@ -88,7 +88,7 @@ class Settings:
     resume: bool = True  # continue from out/latest if it exists
     seed: int = 0  # data order and initialisation
     device: str = "auto"  # cuda, mps, cpu or auto
-    dtype: str = "auto"  # bfloat16, float16, float32 or auto (bf16 on recent GPUs, fp32 on CPU)
+    dtype: str = "auto"  # bfloat16, float16, float32 or auto (model.pick_device: bf16 on recent GPUs and bf16-native CPUs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
