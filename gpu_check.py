@@ -1,0 +1,244 @@
+"""The CUDA paths, proven in a few minutes: one PASS / FAIL / SKIP line per check.
+
+    python gpu_check.py               # = make gpu-check: on a CUDA machine, ~1-3 min; exit status 1 if a check fails
+    python gpu_check.py --device=cpu  # the checks that also mean something on a CPU (the test suite runs this)
+
+This project was written on CPU-only machines, so these are the paths nothing else exercises until a GPU is lent:
+
+  1. bf16 autocast    a training step under bf16 autocast agrees with fp32: loss, and gradients by cosine similarity
+  2. SDPA kernel      our attention runs with only the fused kernels allowed (flash, memory-efficient): no math fallback
+  3. fused AdamW      the fused optimizer steps and lands where the for-loop AdamW does
+  4. torch.compile    a compiled model runs a training step and a KV-cached decode step, equal to eager
+  5. DDP + NCCL       a 1-GPU torchrun job: process group, DistributedDataParallel, one step equal to a plain step
+  6. fp16 + scaler    sft.py's loop in fp16 with its GradScaler: finite losses, unscaled gradient norms
+  7. generation       the KV-cached generate() == greedy decoding that recomputes everything (bench.naive_generate)
+  8. bench            bench.py's summary lines, from a short run
+
+Without CUDA (and no --device) every check prints SKIP and the exit status is 0.
+"""
+
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import model as gpt
+import sft
+
+
+@dataclasses.dataclass
+class Settings:
+    """CUDA self-check: python gpu_check.py [--device=cpu]"""
+
+    device: str = "auto"  # auto (cuda if present, else every check is skipped), cuda, or cpu
+    ddp_worker: bool = False  # internal: set on the process torchrun starts for check 5
+
+
+ROOT = Path(__file__).resolve().parent
+CONFIG = gpt.GPTConfig(n_layer=2, n_head=4, n_embd=128, vocab_size=1024, block_size=128)  # small: seconds, not minutes
+
+
+def batch_for(device, rows: int = 4, T: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tokens, loss on every position: enough to compare two ways of computing the same step."""
+    seq = torch.randint(CONFIG.vocab_size, (rows, T + 1), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": seq[:, :-1].to(device), "target_ids": seq[:, 1:].to(device),
+            "loss_mask": torch.ones(rows, T, dtype=torch.bool, device=device)}
+
+
+def new_model(device) -> gpt.GPT:
+    torch.manual_seed(0)
+    return gpt.GPT(CONFIG).to(device)
+
+
+def loss_and_grads(model, batch, device, dtype):
+    model.zero_grad(set_to_none=True)
+    with gpt.autocast(device, dtype):
+        losses, _ = sft.sft_loss(model, batch)
+    loss = losses.mean()
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten().float() for p in model.parameters()])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The checks: each returns a one-line result, or raises AssertionError (FAIL) / Skip
+
+
+class Skip(Exception):
+    pass
+
+
+def check_bf16(device) -> str:
+    model, batch = new_model(device), batch_for(device)
+    loss32, grad32 = loss_and_grads(model, batch, device, torch.float32)
+    loss16, grad16 = loss_and_grads(model, batch, device, torch.bfloat16)
+    cos = F.cosine_similarity(grad32, grad16, dim=0).item()
+    # bf16 keeps 8 bits of mantissa: the loss agrees to ~1e-3 relative, the gradient's direction to cos ~0.999
+    assert abs(loss16 - loss32) < 1e-2 * abs(loss32) and cos > 0.99, f"loss {loss16:.5f} vs {loss32:.5f}, grad cos {cos:.4f}"
+    return f"loss {loss16:.4f} vs fp32 {loss32:.4f}, gradient cosine {cos:.5f}"
+
+
+def check_sdpa(device) -> str:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    model, batch = new_model(device), batch_for(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # flash needs half precision on CUDA
+    with sdpa_kernel(fused):  # "No available kernel" here means our call falls back to the slow math kernel
+        loss, _ = loss_and_grads(model, batch, device, dtype)  # training: is_causal, no mask
+        with gpt.autocast(device, dtype):
+            model.generate([[1, 2, 3], [4, 5]], 4, temperature=0)  # generation: boolean mask, KV cache
+    return f"training (causal) and generation (masked) attention run with only {[b.name for b in fused]} allowed"
+
+
+def check_fused_adamw(device) -> str:
+    start, batch, moved = torch.cat([p.detach().flatten() for p in new_model(device).parameters()]), batch_for(device), []
+    for fused in (True, False):
+        m = new_model(device)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3, fused=fused)
+        for _ in range(2):
+            loss_and_grads(m, batch, device, torch.float32)
+            opt.step()
+        moved.append(torch.cat([p.detach().flatten() for p in m.parameters()]) - start)  # the update of 2 steps
+    # relative to the update's size: Adam's m / sqrt(v) amplifies rounding where a gradient is near zero, so the
+    # two orders of floating-point operations differ by ~1e-4 of lr on a few weights; a wrong update differs by ~1
+    rel = ((moved[0] - moved[1]).norm() / moved[1].norm()).item()
+    assert rel < 1e-2, f"fused vs for-loop AdamW, 2 steps: |difference of updates| / |update| = {rel:.2e}"
+    return f"2 steps, |fused - for-loop update| / |update| = {rel:.1e}"
+
+
+def check_compile(device) -> str:
+    if device.type != "cuda":
+        raise Skip("CUDA only (on a CPU it compiles C++ for minutes and is not what the scripts use)")
+    model, batch = new_model(device), batch_for(device)
+    compiled = torch.compile(model)
+    loss_eager, grad_eager = loss_and_grads(model, batch, device, torch.bfloat16)
+    loss_comp, grad_comp = loss_and_grads(compiled, batch, device, torch.bfloat16)
+    cos = F.cosine_similarity(grad_eager, grad_comp, dim=0).item()
+    assert abs(loss_comp - loss_eager) < 1e-2 * abs(loss_eager) and cos > 0.99, (loss_comp, loss_eager, cos)
+    # one decode step through the KV cache, compiled, against eager
+    model.eval()
+    idx, mask = batch["input_ids"][:, :16], torch.ones(4, 17, dtype=torch.bool, device=device)
+    nxt = batch["input_ids"][:, 16:17]
+    out = []
+    for fn in (model, compiled):
+        cache = gpt.KVCache.empty(CONFIG, 4, 17, device, torch.float32)
+        with torch.no_grad():
+            fn(idx, attention_mask=mask[:, :16], cache=cache)
+            out.append(fn(nxt, attention_mask=mask, cache=cache))
+    diff = (out[0] - out[1]).abs().max().item()
+    assert diff < 1e-3, f"compiled decode step: max |logit diff| {diff:.2e}"
+    return f"train step loss {loss_comp:.4f} vs eager {loss_eager:.4f} (grad cos {cos:.5f}); decode step max |diff| {diff:.1e}"
+
+
+def check_ddp(device) -> str:
+    """Check 5, the launcher: run this file under torchrun with one process; ddp_worker() does the step."""
+    if device.type == "cuda" and not torch.distributed.is_nccl_available():
+        raise AssertionError("this torch build has no NCCL")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(ROOT / "gpu_check.py"),
+           f"--device={device.type}", "--ddp_worker=true"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("ddp:")]
+    assert run.returncode == 0 and lines, f"torchrun exit {run.returncode}:\n{run.stdout[-1500:]}\n{run.stderr[-1500:]}"
+    return lines[-1].removeprefix("ddp: ")
+
+
+def ddp_worker(device) -> None:
+    """Inside torchrun: NCCL (gloo on CPU) process group, a DDP-wrapped model, one backward whose all-reduced
+    gradients must equal a plain model's (one process: the average is the gradient itself)."""
+    import torch.distributed as dist
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if device.type == "cuda" else device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    plain, batch = new_model(device), batch_for(device)
+    wrapped = torch.nn.parallel.DistributedDataParallel(new_model(device), device_ids=[device.index] if device.type == "cuda" else None)
+    loss_plain, grad_plain = loss_and_grads(plain, batch, device, torch.float32)
+    loss_ddp, grad_ddp = loss_and_grads(wrapped, batch, device, torch.float32)
+    torch.optim.SGD(wrapped.parameters(), lr=0.1).step()
+    diff = (grad_plain - grad_ddp).abs().max().item()
+    dist.barrier()
+    dist.destroy_process_group()
+    assert diff < 1e-5, f"DDP gradients differ from the plain model's by {diff:.2e}"
+    print(f"ddp: {backend}, world 1, loss {loss_ddp:.4f} == {loss_plain:.4f}, max |grad diff| {diff:.1e}")
+
+
+def check_fp16_scaler(device) -> str:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        sft.main(["--dataset=synthetic", "--model=tiny", f"--device={device.type}", "--dtype=float16", "--max_steps=4",
+                  "--batch_size=4", "--micro_batch_size=2", "--eval_every=0", "--checkpoint_every=0",
+                  "--optimizer=adamw", "--lr=1e-3", "--warmup_steps=1", f"--out={tmp}"])
+        rows = [r for r in map(json.loads, (Path(tmp) / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+    losses, norm = [r["loss"] for r in rows], rows[-1]["grad_norm"]
+    # the scaler starts at 2^16 and backs off through skipped (inf) steps; the last norm must be the unscaled one
+    assert all(map(math.isfinite, losses)) and 0 < norm < 1e4, f"losses {losses}, last grad norm {norm}"
+    return f"4 sft.py steps, losses {losses[0]:.3f} -> {losses[-1]:.3f}, last grad norm {norm:.2f}"
+
+
+def check_generation(device) -> str:
+    from bench import naive_generate
+
+    model = new_model(device).eval()
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]  # different lengths: the left padding is part of the check
+    got = model.generate(prompts, 12, temperature=0, eos_id=-1)
+    want = [naive_generate(model, torch.tensor([p], device=device), 12)[0].tolist() for p in prompts]
+    assert got == want, f"KV-cached {got} vs no cache {want}"
+    return f"{len(prompts)} left-padded prompts x 12 tokens: identical"
+
+
+def check_bench(device) -> str:
+    # sections 1-5, 3 rounds each (CUDA, ~1 min); the peers of section 6 (TRL, ~2 min more) are for `make bench`
+    args = ["--steps=3"] if device.type == "cuda" else ["--model=tiny", "--batch=2", "--seq=32", "--steps=1",
+                                                        "--gen_batch=2", "--prompt_len=8", "--new_tokens=4", "--n_pairs=20"]
+    run = subprocess.run([sys.executable, "bench.py", f"--device={device.type}", "--peer=false", *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, f"bench.py exit {run.returncode}:\n{run.stdout[-1500:]}\n{run.stderr[-1500:]}"
+    summary = run.stdout.split("\nsummary: ", 1)[-1].splitlines()
+    return "\n      ".join(line.strip() for line in summary)
+
+
+CHECKS = {"bf16 autocast": check_bf16, "SDPA kernel": check_sdpa, "fused AdamW": check_fused_adamw,
+          "torch.compile": check_compile, "DDP + NCCL": check_ddp, "fp16 + scaler": check_fp16_scaler,
+          "generation": check_generation, "bench": check_bench}
+
+
+def main() -> int:
+    s = gpt.parse_settings(Settings)
+    if s.device == "auto" and not torch.cuda.is_available():
+        for name in CHECKS:
+            print(f"SKIP  {name}: no CUDA device (python gpu_check.py --device=cpu runs the CPU-meaningful ones)")
+        return 0
+    device = torch.device("cuda" if s.device == "auto" else s.device)
+    if s.ddp_worker:
+        ddp_worker(device)
+        return 0
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"gpu_check on {device} ({name}), torch {torch.__version__}")
+    failed = 0
+    for check, fn in CHECKS.items():
+        t0 = time.time()
+        try:
+            status, detail = "PASS", fn(device)
+        except Skip as e:
+            status, detail = "SKIP", str(e)
+        except Exception as e:  # a FAIL line names the check and the error; the other checks still run
+            status, detail = "FAIL", f"{type(e).__name__}: {e}"
+            failed += 1
+        print(f"{status}  {check} ({time.time() - t0:.0f} s): {detail}", flush=True)
+    print(f"{failed} of {len(CHECKS)} checks failed" if failed else "all checks passed or were skipped")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
