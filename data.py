@@ -291,14 +291,19 @@ def tokenize_pairs(pairs: list[dict], max_length: int = 512, max_prompt_length: 
                          f"than max_length={max_length}); raise max_length or use truncation='truncate'")
     tok = {}
     for part in PARTS:
-        tok[f"{part}_ids"] = np.concatenate(rows[part])
-        tok[f"{part}_offsets"] = np.concatenate([[0], np.cumsum([len(r) for r in rows[part]])]).astype(np.int64)
+        tok[f"{part}_ids"], tok[f"{part}_offsets"] = pack(rows[part])
     summary = (f"{len(rows['prompt'])} pairs tokenized (max_length={max_length}, max_prompt_length="
                f"{max_prompt_length}): {counts['prompt_cut']} prompts cut to their end, "
                f"{counts['responses_cut']} pairs with responses cut, {counts['dropped']} over-long pairs dropped")
     print(summary)
     tok["summary"] = np.array(summary)  # a plain unicode array: np.load needs no pickle for it
     return tok
+
+
+def pack(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged rows -> (all ids end to end, offsets): row i is ids[offsets[i]:offsets[i+1]]."""
+    ids = np.concatenate(rows) if rows else np.zeros(0, dtype=np.uint16)
+    return ids, np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
 
 
 def tokenize_dataset(dataset: str, split: str, max_length: int = 512, max_prompt_length: int = 256,
@@ -348,9 +353,7 @@ def select_examples(tok: dict, indices) -> dict[str, np.ndarray]:
     sub = {"summary": tok["summary"]} if "summary" in tok else {}
     for part in PARTS:
         ids, offsets = tok[f"{part}_ids"], tok[f"{part}_offsets"]
-        rows = [ids[offsets[i]: offsets[i + 1]] for i in indices]
-        sub[f"{part}_ids"] = np.concatenate(rows) if rows else ids[:0]
-        sub[f"{part}_offsets"] = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+        sub[f"{part}_ids"], sub[f"{part}_offsets"] = pack([ids[offsets[i]: offsets[i + 1]] for i in indices])
     return sub
 
 
