@@ -203,6 +203,12 @@ def weights_fingerprint(path: str) -> str:
     return fingerprint
 
 
+def scorer_fingerprint(spec: str) -> str | None:
+    """weights_fingerprint of the checkpoint a --scorer spec reads, or None when there is none (load_scorer says why)."""
+    path = Path(reward.parse_scorer(spec)[1])
+    return weights_fingerprint(str(path)) if (path / "model.safetensors").exists() else None
+
+
 def stored_answers(name: str, path: str, file: Path, generation: dict) -> dict:
     """Answers in `file` that `path`'s current weights made with these generation settings, keyed by (temperature,
     prompt, chosen). Others (a model retrained into the same directory, another max_new_tokens, shots or seed, a
@@ -303,11 +309,9 @@ def sample_best_of(path: str, prompts: list[dict], s: Settings, file: Path) -> l
     weights (sampler or scorer retrained in place: their content hashes), another N, max_new_tokens or seed are
     ignored and sampled again."""
     key = lambda t, p: (t, p["prompt"], p["chosen"])  # noqa: E731
-    scorer_weights = s.scorer.partition(":")[2] if s.scorer.startswith(("implicit:", "likelihood:")) else s.scorer
     generation = {"sampler": path, "scorer": s.scorer, "sampler_fingerprint": weights_fingerprint(path),
-                  "scorer_fingerprint": weights_fingerprint(scorer_weights)
-                  if (Path(scorer_weights) / "model.safetensors").exists() else None,  # else load_scorer says why
-                  "max_new_tokens": s.max_new_tokens, "seed": s.seed}
+                  "scorer_fingerprint": scorer_fingerprint(s.scorer), "max_new_tokens": s.max_new_tokens,
+                  "seed": s.seed}
     done = {key(r["temperature"], r): r for r in read_jsonl(file)
             if len(r["responses"]) == s.best_of and all(r.get(k) == v for k, v in generation.items())}
     missing = [(t, p) for t in s.temperatures for p in prompts if key(t, p) not in done]
@@ -734,9 +738,7 @@ def preference_accuracy(s: Settings, out: Path) -> list[str]:
         name, _, spec = item.partition(":")
         if not name or not spec:
             raise ValueError(f"--accuracy takes name:scorer pairs separated by commas, got {item!r}")
-        weights = Path(spec.partition(":")[2] if spec.startswith(("implicit:", "likelihood:")) else spec)
-        stamp = (weights / "model.safetensors").stat().st_mtime_ns if (weights / "model.safetensors").exists() else 0
-        key = json.dumps([spec, stamp, s.dataset, s.accuracy_n])
+        key = json.dumps([spec, scorer_fingerprint(spec), s.dataset, s.accuracy_n])
         if key not in cached:
             score, _ = reward.load_scorer(spec, device)
             margins = reward.pair_margins(score, tok, s.accuracy_n, device, dtype, s.batch_size)

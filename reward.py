@@ -174,9 +174,15 @@ def reward_loss(model, batch):
 # pair's comparison and in picking the best of N answers to one prompt.
 
 
+def parse_scorer(spec: str) -> tuple[str, str]:
+    """A spec of the table above -> (kind: rm, implicit or likelihood; the checkpoint it reads)."""
+    kind, _, path = spec.partition(":") if spec.startswith(("implicit:", "likelihood:")) else ("rm", "", spec)
+    return kind, path
+
+
 def load_scorer(spec: str, device, reference: gpt.GPT | None = None):
     """(score(batch) -> rewards (B,), the GPTConfig of the scoring trunk) for a spec in the table above."""
-    kind, _, path = spec.partition(":") if spec.startswith(("implicit:", "likelihood:")) else ("rm", "", spec)
+    kind, path = parse_scorer(spec)
     if not path:
         raise ValueError(f"--scorer={spec!r} names no checkpoint: use {kind}:<checkpoint directory>")
     if kind == "rm":
