@@ -39,9 +39,10 @@ class Settings:
     size_temperature: float = 0.25  # sampling temperature whose win rates the size plot compares
 
 
-def error_bars(rows: list[dict]) -> list[list[float]]:
-    """matplotlib's yerr: distances from each win rate down to ci_low and up to ci_high."""
-    return [[r["win_rate"] - r["ci_low"] for r in rows], [r["ci_high"] - r["win_rate"] for r in rows]]
+def error_bars(rows: list[dict], key: str = "win_rate", low: str = "ci_low", high: str = "ci_high") -> list[list[float]]:
+    """matplotlib's yerr: distances from each rows[key] down to rows[low] and up to rows[high] (never negative: a
+    bootstrap interval need not contain its point estimate)."""
+    return [[max(0, r[key] - r[low]) for r in rows], [max(0, r[high] - r[key]) for r in rows]]
 
 
 def line_plot(groups: dict[str, list[dict]], x: str, xlabel: str, title: str, path: Path,
@@ -180,9 +181,7 @@ def plot_length(rows: list[dict], path: Path) -> None:
                                             ("lc_win_rate", "lc_ci_low", "lc_ci_high", "--", "LC")):
             shown = [r for r in group if r[key] is not None]
             right.errorbar([r["temperature"] for r in shown], [r[key] for r in shown], capsize=3, marker="o",
-                           yerr=[[max(0, r[key] - r[low]) for r in shown], [max(0, r[high] - r[key]) for r in shown]],
-                           ls=style,
-                           color=color, label=f"{name} {what}")
+                           yerr=error_bars(shown, key, low, high), ls=style, color=color, label=f"{name} {what}")
     chosen = sum(r["chosen_tokens"] for r in rows) / len(rows)
     left.axhline(chosen, color="gray", ls="--", lw=0.8, label="chosen answers")
     left.set(xlabel="sampling temperature", ylabel="mean answer length (GPT-2 tokens)", title="Answer length")
