@@ -72,33 +72,52 @@ HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # presets with we
 EOT = 50256  # <|endoftext|>: GPT-2's only special token; ends every response (and pads batches)
 
 
+class Linear(nn.Linear):
+    """nn.Linear (y = x W^T + b), plus a weight that `generate` prepares once for its many small products: cast to
+    the dtype they run in and, on CPU, packed into oneDNN's blocked layout. Given a plain weight, the CPU matmul
+    libraries re-lay it out on every call, which for the 8 rows of a decode step costs more than the multiply
+    itself: packed, a gpt2 decode step reads its weights at close to memory speed (bench.py, section 8)."""
+
+    prepared: tuple | None = None  # (weight, bias) while generate() runs, else None
+
+    def forward(self, x):
+        if self.prepared is None:
+            return super().forward(x)
+        w, b = self.prepared
+        if w.is_mkldnn:  # oneDNN's packed layout: its own matmul op (the one torch.compile's CPU backend emits)
+            return torch.ops.mkldnn._linear_pointwise(x.to(w.dtype), w, b, "none", [], "")
+        return F.linear(x.to(w.dtype), w, b)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, x, mask=None, kv=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if kv is not None:  # generation: write this step's keys/values into the cache, attend to all so far
-            k_cache, v_cache, start = kv
-            k_cache[:, :, start : start + T] = k
-            v_cache[:, :, start : start + T] = v
-            k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]  # (B, nh, S, hs)
-        # softmax(q k^T / sqrt(hs)) v; with no mask the kernel applies the causal mask itself (flash path on GPU)
+        if kv is not None:  # generation: write this step's keys/values at their positions in the cache, then
+            k_cache, v_cache, where = kv  # attend over its first S positions, S = the mask's length (B, 1, T, S)
+            k = k_cache.index_copy_(2, where, k.to(k_cache.dtype))[:, :, : mask.shape[-1]]  # (B, nh, S, hs)
+            v = v_cache.index_copy_(2, where, v.to(v_cache.dtype))[:, :, : mask.shape[-1]]
+        # softmax(q k^T / sqrt(hs)) v; with no mask the kernel applies the causal mask itself (flash path on GPU).
+        # q, k, v are already in the dtype to use, which for generation on CPU is the cache's fp32 (see generate).
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=mask is None,
+                                               dropout_p=dropout).to(q.dtype)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, x):
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2 was trained with the tanh GELU
@@ -120,17 +139,19 @@ class Block(nn.Module):
 
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values of every layer for every position generated so far: each step then costs O(T), not O(T^2)."""
+    """Keys and values of every layer at every position of the sequences being generated, written in place: a step
+    then costs O(S), not O(S^2). Its shapes never change (positions not yet written are masked, not sliced off), so
+    a compiled decode step runs as the same kernels, on CUDA one replayed graph, at every token."""
 
-    k: list[torch.Tensor]  # per layer (B, nh, max_len, hs)
+    k: list[torch.Tensor]  # per layer (B, nh, S, hs); zeros until written (masked, but 0 * NaN would still be NaN)
     v: list[torch.Tensor]
-    pos: int = 0  # positions filled so far
+    pos: torch.Tensor  # (1,) positions filled so far
 
     @staticmethod
     def empty(config: GPTConfig, batch: int, max_len: int, device, dtype) -> "KVCache":
         shape = (batch, config.n_head, max_len, config.n_embd // config.n_head)
-        new = lambda: [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]  # noqa: E731
-        return KVCache(new(), new())
+        new = lambda: [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]  # noqa: E731
+        return KVCache(new(), new(), torch.zeros(1, dtype=torch.long, device=device))
 
 
 class GPT(nn.Module):
@@ -142,7 +163,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying (GPT-2 does it; saves 38M parameters in gpt2)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
@@ -165,54 +186,92 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied lm_head counted once; wpe included, as HF does
 
-    def forward(self, idx, attention_mask=None, cache: KVCache | None = None, select=None, hidden: bool = False,
-                head=None):
+    def forward(self, idx, attention_mask=None, cache: KVCache | None = None, select=None, hidden: bool = False):
         """idx (B, T) token ids -> logits (B, T, V) for every position, or (N, V) for the N positions where the
         bool mask `select` (B, T) is True: the vocabulary projection is the largest matmul of a small GPT-2
         (and its (B, T, 50257) output the largest tensor), so training computes it only where a loss needs it.
         hidden=True returns the final hidden states (after ln_f), (B, T, C) or (N, C), instead of logits: a
-        reward model puts its own head on them. head: the vocabulary weight already in fp32 (see `logits`).
+        reward model puts its own head on them.
 
         Training passes only idx (right-padded batches need no mask: causal attention never looks right).
-        Generation passes attention_mask (B, S), True at real tokens of the left-padded rows over all S
-        positions so far, and a KV cache holding the first S - T of them.
+        Generation passes a KV cache, whose first `cache.pos` positions are filled and this call's T tokens go next,
+        and attention_mask (B, S), True at the real tokens of the left-padded rows, written so far or now; attention
+        reads the first S positions of the cache. Eager decoding passes S = the positions so far; a compiled step
+        passes the whole cache's length every time (the mask hides the rest), so its shapes never change.
         """
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        where = torch.arange(T, device=idx.device)  # positions of these T tokens in the sequence (and the cache)
+        if cache is not None:
+            where = where + cache.pos  # cache.pos is a tensor: a compiled decode step need not recompile per token
         mask = None
         if attention_mask is None:
-            pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+            pos = where  # (T,)
         else:
             # Left padding shifts each row, so a row's positions count its real tokens: 0, 1, 2, ...
-            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start : start + T]  # (B, T)
-            q = torch.arange(start, start + T, device=idx.device)[:, None]  # query positions (T, 1)
-            key = torch.arange(start + T, device=idx.device)[None, :]  # key positions (1, S)
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0).index_select(1, where)  # (B, T)
+            key = torch.arange(attention_mask.shape[1], device=idx.device)  # key positions (S,)
             # attend to real keys at or before the query; a padding query attends to itself so no row is empty
-            mask = (attention_mask[:, None, None, : start + T] & (key <= q)) | (key == q)  # (B, 1, T, S)
+            mask = (attention_mask[:, None, None, :] & (key <= where[:, None])) | (key == where[:, None])  # (B,1,T,S)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.h):
-            kv = (cache.k[i], cache.v[i], start) if cache is not None else None
+            kv = (cache.k[i], cache.v[i], where) if cache is not None else None
             if self.config.grad_checkpoint and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, mask, kv, use_reentrant=False)
             else:
                 x = block(x, mask, kv)
         if cache is not None:
-            cache.pos += T
+            cache.pos += T  # in place
         x = self.ln_f(x if select is None else x[select])  # (B, T, C) or (N, C)
-        return x if hidden else self.logits(x, head)  # (B, T, V) or (N, V)
+        return x if hidden else self.logits(x)  # (B, T, V) or (N, V)
 
-    def logits(self, x, head=None):
+    def logits(self, x):
         """Final hidden states (..., C) -> logits (..., V), always in fp32, outside any autocast.
 
         GPT-2's logits are large (tens to ~100 in magnitude), where bf16 can only represent steps of 0.25-0.5: bf16
         logits put ~0.1 nat of error into every token's log-prob, a nat or more over a response, which beta = 0.1
         turns into reward noise the size of DPO's early signal. Upcasting the hidden state and the weight keeps the
         log-probs, and the softmax that samples, exact to fp32; `select=` limits the cost to the rows needed.
-        `head`: the weight already in fp32 (generate upcasts a bf16 model's once per call, not once per token)."""
+        Generation prepares the fp32 weight once per call (`decoding`), not once per token."""
         with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.float(), self.lm_head.weight.float() if head is None else head)
+            if self.lm_head.prepared is not None:
+                return self.lm_head(x)  # its weight is in fp32 and x is cast to it
+            return F.linear(x.float(), self.lm_head.weight.float())
+
+    def compiled_step(self, cache: KVCache):
+        """The decode step of generate(compiled=True), through torch.compile: its shapes never change (see KVCache),
+        so it compiles once per batch shape and, on CUDA, replays as one CUDA graph ("reduce-overhead"): the ~300
+        small kernels of a gpt2 step are launched by one call, not by one Python dispatch each. The tensors it reads
+        or updates in place (cache, prepared weights) are marked as fixed addresses, without a guard, so a new
+        generate call re-records the graph instead of recompiling."""
+        prepared = [t for m in self.modules() if isinstance(m, Linear) for t in m.prepared if t is not None]
+        for t in [*cache.k, *cache.v, cache.pos, *prepared]:
+            torch._dynamo.mark_static_address(t, guard=False)
+        cuda = cache.pos.device.type == "cuda"
+        return torch.compile(self, mode="reduce-overhead" if cuda else "default", dynamic=False, fullgraph=True)
+
+    @contextlib.contextmanager
+    def decoding(self, dtype: torch.dtype, rows: int, pack: bool = True):
+        """Within this block every Linear uses its weight prepared once (see Linear): cast to `dtype`, the dtype the
+        products run in (bf16 under autocast or for a bf16 model), the vocabulary head to fp32 (see `logits`), and
+        on CPU (unless pack=False: torch.compile cannot trace a packed weight) packed for `rows` rows at a time.
+        Decoding multiplies each weight by a few rows hundreds of times;
+        preparing it per call (autocast's cast, oneDNN's re-layout) would cost more than those products. The
+        prepared copies are dropped on the way out, so training never sees a stale weight."""
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        cpu = self.lm_head.weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+        for m in linears:
+            to = torch.float32 if m is self.lm_head else dtype
+            w, b = m.weight.detach().to(to), None if m.bias is None else m.bias.detach().to(to)
+            if pack and cpu and (to == torch.float32 or to == torch.bfloat16 and cpu_bf16_flag()):  # natively in oneDNN
+                w = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+            m.prepared = (w, b)
+        try:
+            yield
+        finally:
+            for m in linears:
+                m.prepared = None
 
     # ------------------------------------------------------------------------------------------------------------
     # 2. Generation
@@ -221,7 +280,7 @@ class GPT(nn.Module):
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_id: int = EOT,
                  stop: tuple[str, ...] = (), decode=None, generator: torch.Generator | None = None,
-                 num_samples: int = 1) -> list[list[int]]:
+                 num_samples: int = 1, compiled: bool = False) -> list[list[int]]:
         """Sample continuations of a batch of token-id prompts; returns only the new tokens of each.
 
         num_samples > 1 draws that many answers per prompt (Best of N): each prompt is prefilled once and its
@@ -244,47 +303,52 @@ class GPT(nn.Module):
         B, P = len(prompts), max(len(p) for p in prompts)
         if P + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) > block_size {self.config.block_size}")
+        S = P + max_new_tokens  # the cache's length; a compiled step rounds it up, so that few lengths ever occur
+        S = min(-(-S // 128) * 128, self.config.block_size) if compiled else S
         idx = torch.zeros((B, P), dtype=torch.long, device=device)  # padding id is irrelevant: it is masked
-        mask = torch.zeros((B, P + max_new_tokens), dtype=torch.bool, device=device)
+        mask = torch.zeros((B, S), dtype=torch.bool, device=device)  # True at real tokens (prompt or generated)
         for i, p in enumerate(prompts):
             idx[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)
             mask[i, P - len(p) : P] = True
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.wte.weight.dtype
-        cache = KVCache.empty(self.config, B, P + max_new_tokens, device, dtype)
+        # The cache holds keys and values in the compute dtype; on CPU in fp32, where attention over a few queries
+        # runs ~3x faster than in bf16 (the conversion is paid once per token, not once per token per step).
+        cache = KVCache.empty(self.config, B, S, device, torch.float32 if device.type == "cpu" else dtype)
         last = torch.zeros((B, P), dtype=torch.bool, device=device)
         last[:, -1] = True  # only the last position's logits are needed
-        # Sampling needs fp32 logits (see `logits`). A bf16 model's head is upcast here, once: per token it would be
-        # a 77 MB read + 154 MB write (gpt2) on top of the 154 MB the fp32 matmul reads, more than the whole body.
-        head = self.lm_head.weight.float()  # (V, C); the weight itself when it is already fp32
-        logits = self(idx, attention_mask=mask[:, :P], cache=cache, select=last, head=head)  # prefill: (B, V)
-        if num_samples > 1:  # the prompt's keys and values are the same for all its samples: copy, don't recompute
-            cache.k, cache.v = ([t.repeat_interleave(num_samples, 0) for t in kv] for kv in (cache.k, cache.v))
-            mask, logits = mask.repeat_interleave(num_samples, 0), logits.repeat_interleave(num_samples, 0)
-            B, last = B * num_samples, last.repeat_interleave(num_samples, 0)
-        out = [[] for _ in range(B)]
-        rows = list(range(B))  # which prompt each row of the shrinking batch belongs to
-        for t in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (b,) for the b live rows
-            live = []
-            for j, token in enumerate(nxt.tolist()):
-                i = rows[j]
-                if token == eos_id:
-                    continue
-                out[i].append(token)
-                # stop strings: only the last few tokens can complete one, so decode just those
-                if stop and any(s in decode(out[i][-2 * max(map(len, stop)) :]) for s in stop):
-                    out[i] = _cut_at_stop(out[i], stop, decode)
-                    continue
-                live.append(j)
-            if not live or t == max_new_tokens - 1:
-                break
-            if len(live) < len(rows):  # drop finished rows: answers vary in length, the batch need not wait
-                keep = torch.tensor(live, device=device)
-                cache.k, cache.v = [k[keep] for k in cache.k], [v[keep] for v in cache.v]
-                mask, nxt, rows = mask[keep], nxt[keep], [rows[j] for j in live]
-            mask[:, P + t] = True
-            logits = self(nxt[:, None], attention_mask=mask[:, : P + t + 1], cache=cache, select=last[: len(rows), -1:],
-                          head=head)
+        with self.decoding(dtype, B * num_samples, pack=not compiled):  # weights cast (CPU: packed) once per call
+            logits = self(idx, attention_mask=mask[:, :P], cache=cache, select=last)  # prefill: (B, V)
+            if num_samples > 1:  # a prompt's keys and values are the same for all its samples: copy, not recompute
+                cache.k, cache.v = ([t.repeat_interleave(num_samples, 0) for t in kv] for kv in (cache.k, cache.v))
+                mask, logits = mask.repeat_interleave(num_samples, 0), logits.repeat_interleave(num_samples, 0)
+                B = B * num_samples
+            step = self.compiled_step(cache) if compiled else self
+            out = [[] for _ in range(B)]
+            rows = list(range(B))  # which answer each row of the batch holds; None once it has ended
+            for t in range(max_new_tokens):
+                nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (b,) for the b rows
+                for j, token in enumerate(nxt.tolist()):
+                    i = rows[j]
+                    if i is None:
+                        continue
+                    if token == eos_id:
+                        rows[j] = None
+                        continue
+                    out[i].append(token)
+                    # stop strings: only the last few tokens can complete one, so decode just those
+                    if stop and any(s in decode(out[i][-2 * max(map(len, stop)) :]) for s in stop):
+                        out[i], rows[j] = _cut_at_stop(out[i], stop, decode), None
+                live = [j for j, i in enumerate(rows) if i is not None]
+                if not live or t == max_new_tokens - 1:
+                    break
+                # drop ended rows: answers vary in length, the batch need not wait (a compiled step keeps its shapes)
+                if len(live) < len(rows) and not compiled:
+                    keep = torch.tensor(live, device=device)
+                    cache.k, cache.v = [k[keep] for k in cache.k], [v[keep] for v in cache.v]
+                    mask, nxt, rows = mask[keep], nxt[keep], [rows[j] for j in live]
+                mask[:, P + t] = True
+                upto = S if compiled else P + t + 1  # eager: attend over the positions so far only
+                logits = step(nxt[:, None], attention_mask=mask[:, :upto], cache=cache)[:, -1]  # (b, V)
         return out
 
 

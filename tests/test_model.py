@@ -183,10 +183,21 @@ def greedy_without_cache(m: GPT, prompt: list[int], n: int) -> list[int]:
     return seq[len(prompt) :]
 
 
-def test_generate_cache_and_batching_match_naive():
-    """Catches KV-cache indexing errors, wrong positions or masks under left padding."""
-    torch.manual_seed(0)
+def small_with_biases(seed: int = 0) -> GPT:
+    """SMALL with non-zero biases and LayerNorm terms (GPT-2's init zeroes them), so a path that drops one shows."""
+    torch.manual_seed(seed)
     m = GPT(SMALL).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return m
+
+
+def test_generate_cache_and_batching_match_naive():
+    """Catches KV-cache indexing errors, wrong positions or masks under left padding, and a generation path (the
+    weights generate prepares, see model.Linear) that drops a bias."""
+    m = small_with_biases()
     prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
     batched = m.generate(prompts, 12, temperature=0, eos_id=-1)
     for p, got in zip(prompts, batched):
@@ -213,10 +224,10 @@ def test_generate_stops_at_eos_and_stop_strings():
     successor = {a: b for s in scripts for a, b in zip(s, s[1:])}
     assert len(successor) == sum(len(s) - 1 for s in scripts), "scripts must not repeat a token"
 
-    def scripted(idx, attention_mask=None, cache=None, select=None, head=None):
+    def scripted(idx, attention_mask=None, cache=None, select=None):
         logits = torch.full((idx.shape[0], 50257), -1e9)
         logits[torch.arange(idx.shape[0]), [successor[t] for t in idx[:, -1].tolist()]] = 0
-        return logits
+        return logits if select is not None else logits[:, None]  # (B, V) at the selected last positions, or (B, T, V)
 
     m.forward = scripted
     out = m.generate([[1, 2, 3], [4, 5, 6]], 10, temperature=0, stop=("Human:",), decode=enc.decode)
@@ -343,6 +354,40 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in m.parameters()])
     diff = max((a - b).abs().max().item() for a, b in zip(*grads))
     assert diff <= 1e-6, f"max abs gradient difference {diff}"
+
+
+def test_compiled_generation_matches_eager():
+    """generate(compiled=True) decodes through torch.compile over the whole fixed-size cache (on CUDA, replayed as a
+    CUDA graph) and keeps ended rows in its batch. Catches cache positions not yet written that the mask fails to
+    hide, a cache position that does not advance, and an ended row leaking into the others. One compile, ~10 s."""
+    m = small_with_biases()
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    eos = m.generate(prompts, 12, temperature=0, eos_id=-1)[1][2]  # row 1 ends early, the others go on
+    # greedy with an ending row; seeded sampling without one (eager then draws fewer random numbers per step)
+    for kwargs in (dict(temperature=0, eos_id=eos), dict(temperature=1.0, top_k=20, eos_id=-1)):
+        want = m.generate(prompts, 12, generator=torch.Generator().manual_seed(3), **kwargs)
+        got = m.generate(prompts, 12, generator=torch.Generator().manual_seed(3), compiled=True, **kwargs)
+        assert got == want, kwargs
+    assert len(got[0]) == 12 and len(want[1]) == 12
+    assert len(m.generate(prompts, 12, temperature=0, eos_id=eos, compiled=True)[1]) <= 2
+
+
+def test_generate_prepares_weights_for_itself_only():
+    """generate casts (on CPU also packs) every weight once per call; catches prepared copies that outlive the call,
+    also one that fails midway: training would then run on detached copies and its gradients would never reach
+    the weights."""
+    m = small_with_biases()
+    m.generate([[1, 2, 3]], 4, temperature=0)
+
+    def fail(tokens):
+        raise RuntimeError("decode failed")
+
+    with pytest.raises(RuntimeError, match="decode failed"):
+        m.generate([[1, 2, 3]], 4, temperature=0, stop=("x",), decode=fail)
+    assert all(lin.prepared is None for lin in m.modules() if isinstance(lin, model.Linear))
+    m.train()
+    m(torch.tensor([[1, 2, 3, 4]])).logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in m.parameters() if p.dim() == 2 and p.shape[0] != SMALL.block_size)
 
 
 def test_generate_with_bf16_weights_samples_from_fp32_logits():
