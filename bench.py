@@ -570,6 +570,22 @@ def peer_dtypes(device) -> list[torch.dtype]:
     return [torch.bfloat16, torch.float32] if native else [torch.float32]
 
 
+def stream_rate(dtype, n: int = 3072, k: int = 768) -> float:
+    """Bytes/s at which generation's own matmul on CPU (8 rows times a weight packed as GPT.decoding packs it)
+    streams weights that are not in cache: the practical ceiling of a decode step, below the bandwidth of a sum."""
+    weights = [gpt.Linear(k, n, bias=False) for _ in range(2**28 // (n * k * torch.finfo(dtype).bits // 8))]
+    for w in weights:
+        w.prepare(dtype, rows=8, pack=True)
+    x, best = torch.randn(8, k, dtype=dtype), float("inf")
+    with torch.no_grad():
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for w in weights:
+                w(x)
+            best = min(best, time.perf_counter() - t0)
+    return len(weights) * n * k * torch.finfo(dtype).bits // 8 / best
+
+
 def bench_decode(model, device, dtype, bandwidth, repeats, B=8, P=64, N=64) -> tuple[float, list[str]]:
     """B prompts x P tokens, N new, greedy, both models' weights in `dtype`: ours vs transformers.generate. A decode
     step's time is (time for N tokens - time for 1) / (N - 1), which takes out the prefill; its limit is the bytes
@@ -582,20 +598,31 @@ def bench_decode(model, device, dtype, bandwidth, repeats, B=8, P=64, N=64) -> t
     fns = {}
     for n in (N, 1):
         fns[f"ours {n}"] = lambda n=n: ours.generate(prompts.tolist(), n, temperature=0, eos_id=-1)
+        if device.type == "cuda":  # the decode step through torch.compile, as CUDA graphs (compiled before the race)
+            fns[f"compiled {n}"] = lambda n=n: ours.generate(prompts.tolist(), n, temperature=0, eos_id=-1, compiled=True)
+            fns[f"compiled {n}"]()
         if theirs is not None:
             fns[f"theirs {n}"] = lambda n=n: theirs.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False,
                                                              max_new_tokens=n)
-    times, _, _ = race(fns, repeats, device)
+    times, _, _ = race(fns, repeats, device, once=[name for name in fns if name.startswith("compiled")])
     c, size = model.config, torch.finfo(dtype).bits // 8
     head, body = c.vocab_size * c.n_embd, model.num_params() - c.vocab_size * c.n_embd - c.block_size * c.n_embd
     kv = 2 * c.n_layer * B * (P + N / 2) * c.n_embd * size  # keys and values, all layers
-    limit = {"ours": (body * size + head * 4 + kv) / bandwidth, "theirs": (body * size + head * size + kv) / bandwidth}
+    ours_bytes = body * size + head * 4 + kv * (4 / size if device.type == "cpu" else 1)  # fp32 head; CPU cache fp32
+    limit = {"ours": ours_bytes / bandwidth, "compiled": ours_bytes / bandwidth,
+             "theirs": (body * size + head * size + kv) / bandwidth}
     step = {who: (times[f"{who} {N}"] - times[f"{who} 1"]) / (N - 1) for who in limit if f"{who} 1" in times}
     name = str(dtype).removeprefix("torch.")
+    label = {"ours": "ours", "compiled": "ours, compiled", "theirs": "transformers.generate"}
     table(f"8. decode step, {name} weights: {B} prompts x {P} tokens, {N} new, median of {repeats}",
           ["", "ms/step", "new tokens/s", "read limit (ms)", "of limit"],
-          [[{"ours": "ours", "theirs": "transformers.generate"}[w], f"{1e3 * t:.1f}", f"{B / t:,.0f}",
-            f"{1e3 * limit[w]:.1f}", f"{limit[w] / t:.0%}"] for w, t in step.items()])
+          [[label[w], f"{1e3 * t:.1f}", f"{B / t:,.0f}", f"{1e3 * limit[w]:.1f}", f"{limit[w] / t:.0%}"]
+           for w, t in step.items()])
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        rate = stream_rate(dtype)
+        print(f"  the packed matmul alone streams weights at {rate / 1e9:.0f} GB/s ({rate / bandwidth:.0%} of the sum's "
+              f"rate): at that rate ours could take {1e3 * ours_bytes / rate:.1f} ms/step, and takes "
+              f"{step['ours'] / (ours_bytes / rate):.2f}x that")
     vs = f"{step['theirs'] / step['ours']:.2f}x transformers.generate" if "theirs" in step else "transformers skipped"
     return step["ours"], [f"decode {name:8}  {1e3 * step['ours']:.1f} ms/step = {limit['ours'] / step['ours']:.0%} of its "
                           f"memory limit; {vs} (whole call, {N} tokens: {times[f'theirs {N}'] / times[f'ours {N}']:.2f}x)"

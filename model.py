@@ -80,6 +80,12 @@ class Linear(nn.Linear):
 
     prepared: tuple | None = None  # (weight, bias) while generate() runs, else None
 
+    def prepare(self, dtype: torch.dtype, rows: int = 0, pack: bool = False) -> None:
+        """Set `prepared`: weight and bias cast to `dtype`; with pack=True (CPU) the weight in the blocked layout that
+        oneDNN picks for products with `rows` rows."""
+        w, b = self.weight.detach().to(dtype), None if self.bias is None else self.bias.detach().to(dtype)
+        self.prepared = (torch.ops.mkldnn._reorder_linear_weight(w, rows) if pack else w, b)
+
     def forward(self, x):
         if self.prepared is None:
             return super().forward(x)
@@ -256,17 +262,15 @@ class GPT(nn.Module):
         """Within this block every Linear uses its weight prepared once (see Linear): cast to `dtype`, the dtype the
         products run in (bf16 under autocast or for a bf16 model), the vocabulary head to fp32 (see `logits`), and
         on CPU (unless pack=False: torch.compile cannot trace a packed weight) packed for `rows` rows at a time.
-        Decoding multiplies each weight by a few rows hundreds of times;
-        preparing it per call (autocast's cast, oneDNN's re-layout) would cost more than those products. The
-        prepared copies are dropped on the way out, so training never sees a stale weight."""
+        Decoding multiplies each weight by a few rows hundreds of times; preparing it per product (autocast's cast,
+        oneDNN's re-layout) would cost more than the product. The prepared copies are dropped on the way out, so
+        training never sees a stale weight."""
         linears = [m for m in self.modules() if isinstance(m, Linear)]
-        cpu = self.lm_head.weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+        cpu = pack and self.lm_head.weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+        native = {torch.float32: cpu, torch.bfloat16: cpu and cpu_bf16_flag() is not None}  # what oneDNN runs natively
         for m in linears:
             to = torch.float32 if m is self.lm_head else dtype
-            w, b = m.weight.detach().to(to), None if m.bias is None else m.bias.detach().to(to)
-            if pack and cpu and (to == torch.float32 or to == torch.bfloat16 and cpu_bf16_flag()):  # natively in oneDNN
-                w = torch.ops.mkldnn._reorder_linear_weight(w, rows)
-            m.prepared = (w, b)
+            m.prepare(to, rows, pack=native.get(to, False))
         try:
             yield
         finally:
