@@ -10,6 +10,7 @@ NODE_RANK   ?= 0#                    this machine's index among the NNODES
 MASTER_ADDR ?= 127.0.0.1#            address of the NODE_RANK=0 machine, reachable from all of them
 MASTER_PORT ?= 29500#                a free TCP port on that machine
 TRAIN_ARGS  ?=#                      appended to the sft and dpo commands, e.g. TRAIN_ARGS=--grad_checkpoint=true
+EVAL_ARGS   ?=#                      appended to the judge.py command, e.g. EVAL_ARGS=--compile=true
 RUN_DIR ?= runs/$(MODEL)#            where checkpoints, samples, judgments and figures go
 TORCH   ?= torch==2.13.0#            the torch build to install, e.g. TORCH="torch --index-url https://download.pytorch.org/whl/cu124"
 N_EVAL  ?= 0#                        evaluation prompts per temperature (0 = every single-turn test prompt)
@@ -86,7 +87,7 @@ WITH_RM  := --best_of=$(BEST_OF) --best_of_prompts=$(BEST_OF_PROMPTS) --best_of_
             --accuracy=reward_model:$(RUN_DIR)/reward/final,$(ACCURACY)
 eval: ## sample at 4 temperatures, judge with gpt-4o-mini vs the chosen response (needs OPENAI_API_KEY): results.md, samples.md; Best of N with a reward model
 	$(PY) judge.py --models=base:$(MODEL),sft:$(RUN_DIR)/sft/final,dpo:$(RUN_DIR)/dpo/final --dpo_steps=$(RUN_DIR)/dpo --n=$(N_EVAL) --out=$(RUN_DIR)/eval \
-	    $$(test -f $(RUN_DIR)/reward/final/model.safetensors && echo "$(WITH_RM)" || echo "--accuracy=$(ACCURACY)")
+	    $$(test -f $(RUN_DIR)/reward/final/model.safetensors && echo "$(WITH_RM)" || echo "--accuracy=$(ACCURACY)") $(EVAL_ARGS)
 
 figures: ## Figure 3 (win rate vs temperature, vs DPO step, vs model size), training curves, answer length
 	$(PY) plot.py --out=$(RUN_DIR)/eval --runs=$(RUN_DIR)/sft,$(RUN_DIR)/dpo

@@ -3,6 +3,7 @@
     python bench.py                                 # = make bench (CPU, 2 idle cores: ~3 min; a GPU: ~1 min)
     python bench.py --model=gpt2-medium --batch=16  # any preset; random weights, since speed does not depend on them
     python bench.py --memory=true --world=8         # per-GPU memory of each GPT-2 size: DDP vs FSDP vs FSDP + offload
+    python bench.py --peer_only=true                # section 8 alone: gpt2 against its limits, TRL, transformers
     torchrun --standalone --nproc_per_node=2 bench.py --memory=true   # ... and the state measured on real shards
 
 Each measurement runs ours and the alternative in the same process, interleaved (A B, B A, A B, ...), and reports
@@ -75,6 +76,7 @@ class Settings:
     n_pairs: int = 2000  # HH-like pairs to tokenize
     peer: bool = True  # section 8: peer_model vs TRL's DPO step and transformers.generate, bf16 and fp32 (CPU: ~10 min)
     peer_model: str = "gpt2"  # the model of section 8 (random weights)
+    peer_only: bool = False  # run section 8 alone (CPU: ~6 min)
     device: str = "auto"  # cuda, mps, cpu or auto
     dtype: str = "auto"  # bfloat16, float16, float32 or auto (model.pick_device: bf16 on recent GPUs and bf16-native CPUs)
     seed: int = 0  # weights and inputs
@@ -349,6 +351,17 @@ def bench_dpo(model, batch, device, dtype, peak, repeats) -> list[str]:
             f"DPO {rows * T / times[fused]:,.0f} vs SFT {rows * T / times[sft_step]:,.0f} tokens/s"]
 
 
+@contextlib.contextmanager
+def low_precision_head(model):
+    """The vocabulary projection in the autocast dtype (rounded logits: what transformers and TRL compute) instead
+    of GPT.logits' fp32. An instance attribute shadows the method GPT.forward calls."""
+    model.logits = lambda x: model.lm_head(x)
+    try:
+        yield
+    finally:
+        model.__dict__.pop("logits")
+
+
 def bench_fp32_head(model, batch, device, dtype, peak, repeats) -> list[str]:
     """What exact log-probs cost: GPT.logits projects onto the vocabulary in fp32 even under bf16/fp16 autocast
     (model.py says why); the alternative is the plain low-precision projection, i.e. rounded logits. Same SFT and
@@ -361,12 +374,8 @@ def bench_fp32_head(model, batch, device, dtype, peak, repeats) -> list[str]:
 
     def with_head(step, low_head: bool):
         def call():
-            if low_head:  # an instance attribute shadows the method GPT.forward calls
-                model.logits = lambda x, head=None: model.lm_head(x)
-            try:
+            with low_precision_head(model) if low_head else contextlib.nullcontext():
                 step()
-            finally:
-                model.__dict__.pop("logits", None)
         return call
 
     name = str(low).removeprefix("torch.")
@@ -679,7 +688,7 @@ def bench_dpo_peer(model, device, dtype, peak, bandwidth, repeats, T=256) -> tup
     optimizer = sft.make_optimizer(dpo.Settings(optimizer="rmsprop", lr=1e-6), policy, device)
     parts = {"forward": [], "backward": [], "optimizer": []}
 
-    def ours():
+    def ours(parts=parts):
         clock = [time.perf_counter()]
         with gpt.autocast(device, dtype):
             losses, _ = loss_fn(policy, batch)
@@ -695,14 +704,18 @@ def bench_dpo_peer(model, device, dtype, peak, bandwidth, repeats, T=256) -> tup
         for part, t0, t1 in zip(parts, clock, clock[1:]):
             parts[part].append(t1 - t0)
 
-    fns = {"ours": ours}
+    def ours_low_head():  # like for like with TRL, which projects onto the vocabulary in bf16 (rounded logits)
+        with low_precision_head(policy):
+            ours(parts={part: [] for part in parts})
+
+    name = str(dtype).removeprefix("torch.")
+    fns = {"ours": ours} | ({f"ours, {name} head": ours_low_head} if dtype != torch.float32 else {})
     peer, what = trl_step(model, 2, T, device, dtype) if transformers is not None else (None, "skipped (no transformers)")
     if peer is not None:
         fns["TRL"] = peer
     times, _, _ = race(fns, repeats, device)
     N, tokens = model.num_params(), 2 * T
     floor = 6 * N * tokens / peak + 20 * N / bandwidth
-    name = str(dtype).removeprefix("torch.")
     split = ", ".join(f"{part} {1e3 * statistics.median(t):,.0f}" for part, t in parts.items())
     table(f"8. DPO optimizer step, {name}: 1 pair x {T} tokens, precomputed reference, RMSprop, median of {repeats}",
           ["", "ms/step", "tokens/s", f"MFU ({name} peak)", "step / floor"],
@@ -712,6 +725,11 @@ def bench_dpo_peer(model, device, dtype, peak, bandwidth, repeats, T=256) -> tup
           f"{peak / 1e9:,.0f} GFLOP/s + {20 * N / 2**20:,.0f} MiB of optimizer traffic at {bandwidth / 1e9:.0f} GB/s")
     print(f"  peer: {what}")
     vs = f"{times['TRL'] / times['ours']:.2f}x TRL's DPOTrainer" if "TRL" in times else what
+    if f"ours, {name} head" in times:
+        low = times[f"ours, {name} head"]
+        print(f"  the exact fp32 head costs {1e3 * (times['ours'] - low):,.0f} ms of ours; with a {name} head, as TRL "
+              f"computes it, ours takes {1e3 * low:,.0f} ms = {low / floor:.2f}x the floor")
+        vs += f" ({times['TRL'] / low:.2f}x with a {name} head, like TRL)" if "TRL" in times else ""
     return times["ours"], [f"DPO step {name:8}  {1e3 * times['ours']:,.0f} ms = {times['ours'] / floor:.2f}x its floor, "
                            f"MFU {6 * N * tokens / times['ours'] / peak:.1%}; {vs}; ({split} ms)"]
 
@@ -742,6 +760,10 @@ def main():
     if s.memory:
         return bench_memory(s)
     device, dtype, reason = gpt.pick_device(s.device, s.dtype)
+    if s.peer_only:
+        summary = bench_peers(s, device, s.steps or (10 if device.type == "cuda" else 5))
+        print("\nsummary:\n" + "\n".join("  " + line for line in summary))
+        return print(f"bench took {(time.time() - start) / 60:.1f} min")
     cuda = device.type == "cuda"
     name = s.model if s.model != "auto" else ("gpt2" if cuda else "small")
     seq, repeats = s.seq or (512 if cuda else 128), s.steps or (10 if cuda else 3)

@@ -59,6 +59,7 @@ class Settings:
     max_new_tokens: int = 256  # longest answer; generation also stops at <|endoftext|> or the next "\n\nHuman:"
     shots: int = 2  # example dialogues (train split) before the prompt for base models (paper: 2-shot)
     batch_size: int = 16  # prompts generated together
+    compile: bool = False  # decode through torch.compile (on a GPU as CUDA graphs): a compile per batch shape first
     seed: int = 0  # prompt subset, few-shot examples, sampling, A/B order, tie breaks
     show: int = 8  # evaluation prompts whose answers samples.md shows side by side (a seeded subset)
     show_temperature: float = -1.0  # samples.md's sampling temperature (-1: the lowest of --temperatures)
@@ -268,7 +269,7 @@ def sample_model(name: str, path: str, prompts: list[dict], s: Settings, file: P
                 ids = [enc.encode_ordinary(prefix + p["prompt"])[-budget:] for p in batch]
                 with model.autocast(device, dtype):
                     new = gpt.generate(ids, s.max_new_tokens, temperature=t, stop=STOP, decode=enc.decode,
-                                       generator=gen)
+                                       generator=gen, compiled=s.compile)
                 rows = [{"model": name, "path": path, "step": step, "temperature": t, **generation,
                          "prompt": p["prompt"], "response": clean_response(enc.decode(out)), "chosen": p["chosen"]}
                         for p, out in zip(batch, new)]
@@ -333,7 +334,8 @@ def sample_best_of(path: str, prompts: list[dict], s: Settings, file: Path) -> l
                 start = time.time()
                 with model.autocast(device, dtype):  # one prefill per prompt, its KV cache copied to N rows
                     new = sampler.generate([ids[-budget:] for ids in prompt_ids], s.max_new_tokens, temperature=t,
-                                           stop=STOP, decode=enc.decode, generator=gen, num_samples=N)
+                                           stop=STOP, decode=enc.decode, generator=gen, num_samples=N,
+                                           compiled=s.compile)
                 texts = [clean_response(enc.decode(out)) for out in new]  # prompt j's answers: rows j*N .. j*N+N-1
                 timer["generate"] += time.time() - start
                 start = time.time()

@@ -299,6 +299,9 @@ class GPT(nn.Module):
         row's output is the same as if it were generated alone. A row ends at `eos_id` (not returned) or
         when its decoded text contains a stop string (tokens returned up to the last boundary before it), and
         then leaves the batch (its cache rows are dropped). temperature 0 is greedy decoding.
+
+        compiled=True runs each decode step through torch.compile (`compiled_step`): the same tokens, with ended rows
+        kept in the batch so that shapes never change; worth it on a GPU, where a step is many small kernels.
         """
         self.eval()
         device = self.wte.weight.device
@@ -330,7 +333,10 @@ class GPT(nn.Module):
             out = [[] for _ in range(B)]
             rows = list(range(B))  # which answer each row of the batch holds; None once it has ended
             for t in range(max_new_tokens):
-                nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (b,) for the b rows
+                # one uniform draw per answer, ended or not: an answer's draws never depend on when others end
+                u = 1.0 - torch.rand((B, 1), generator=generator, device=device)  # (0, 1]
+                held = torch.tensor([i if i is not None else 0 for i in rows], device=device)
+                nxt = sample_next(logits, temperature, top_k, top_p, u=u[held])  # (b,) for the b rows
                 for j, token in enumerate(nxt.tolist()):
                     i = rows[j]
                     if i is None:
@@ -356,8 +362,8 @@ class GPT(nn.Module):
         return out
 
 
-def sample_next(logits, temperature: float, top_k: int | None, top_p: float | None, generator=None):
-    """logits (B, V) -> next token ids (B,)."""
+def sample_next(logits, temperature: float, top_k: int | None, top_p: float | None, generator=None, u=None):
+    """logits (B, V) -> next token ids (B,). u: (B, 1) uniform draws in (0, 1], one per row; None: drawn here."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -373,7 +379,8 @@ def sample_next(logits, temperature: float, top_k: int | None, top_p: float | No
     # Inverse-CDF sampling: the first token whose cumulative probability reaches u ~ U(0, 1]. Same distribution as
     # torch.multinomial, which on CPU draws an exponential for each of the 50257 entries and is ~20x slower.
     cdf = logits.softmax(-1).cumsum(-1)  # (B, V)
-    u = 1.0 - torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device)  # (0, 1]: never a zero-mass token
+    if u is None:
+        u = 1.0 - torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device)  # (0, 1]: no zero-mass token
     return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 

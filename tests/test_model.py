@@ -358,18 +358,17 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 def test_compiled_generation_matches_eager():
     """generate(compiled=True) decodes through torch.compile over the whole fixed-size cache (on CUDA, replayed as a
-    CUDA graph) and keeps ended rows in its batch. Catches cache positions not yet written that the mask fails to
-    hide, a cache position that does not advance, and an ended row leaking into the others. One compile, ~10 s."""
+    CUDA graph) and keeps ended rows in its batch, where eager drops them. Catches cache positions not yet written
+    that the mask fails to hide, a cache position that does not advance, an ended row leaking into the others, and
+    random draws that depend on which rows have ended (the same seed must give the same answers). One compile."""
     m = small_with_biases()
     prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
     eos = m.generate(prompts, 12, temperature=0, eos_id=-1)[1][2]  # row 1 ends early, the others go on
-    # greedy with an ending row; seeded sampling without one (eager then draws fewer random numbers per step)
-    for kwargs in (dict(temperature=0, eos_id=eos), dict(temperature=1.0, top_k=20, eos_id=-1)):
-        want = m.generate(prompts, 12, generator=torch.Generator().manual_seed(3), **kwargs)
-        got = m.generate(prompts, 12, generator=torch.Generator().manual_seed(3), compiled=True, **kwargs)
+    for kwargs in (dict(temperature=0), dict(temperature=1.0, top_k=20)):  # seeded: the same draws in both
+        want = m.generate(prompts, 12, eos_id=eos, generator=torch.Generator().manual_seed(3), **kwargs)
+        got = m.generate(prompts, 12, eos_id=eos, generator=torch.Generator().manual_seed(3), compiled=True, **kwargs)
         assert got == want, kwargs
-    assert len(got[0]) == 12 and len(want[1]) == 12
-    assert len(m.generate(prompts, 12, temperature=0, eos_id=eos, compiled=True)[1]) <= 2
+        assert len(got[0]) == 12 and len(got[1]) <= 2  # row 1 ends early in both (with these seeds)
 
 
 def test_generate_prepares_weights_for_itself_only():
