@@ -560,11 +560,11 @@ def bench_memory(s) -> None:
 
 
 def memory_bandwidth(device) -> float:
-    """Bytes/s that a sum over 512 MiB (1 GiB on CUDA) reads, best of 5: the rate that bounds a decode step and
+    """Bytes/s that a sum over 512 MiB (1 GiB on CUDA) reads, best of 10: the rate that bounds a decode step and
     the optimizer, which touch every weight once and do little arithmetic per byte."""
     x = torch.ones((2**30 if device.type == "cuda" else 2**29) // 4, device=device)
     best = float("inf")
-    for _ in range(5):
+    for _ in range(10):
         sync(device)
         t0 = time.perf_counter()
         x.sum()

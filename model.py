@@ -11,7 +11,8 @@ It holds, in reading order:
         Block:  x = x + attn(ln_1(x))      causal multi-head self-attention (pre-LayerNorm)
                 x = x + mlp(ln_2(x))       Linear(d, 4d) -> GELU(tanh) -> Linear(4d, d)
 
-  2. `generate`: batched, left-padded, KV-cached sampling with temperature, top-k, top-p and stop strings
+  2. `generate`: batched, left-padded, KV-cached sampling with temperature, top-k, top-p and stop strings; each
+     weight cast (on CPU also packed for oneDNN) once per call, and optionally the decode step through torch.compile
 
 and then the plumbing every script shares:
 

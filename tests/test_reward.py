@@ -353,3 +353,18 @@ def test_bad_best_of_input_gives_clear_errors(best_of_run):
     for extra, message in cases:
         with pytest.raises(ValueError, match=message):
             judge.main(argv + ["--judge=none"] + extra)
+
+
+def test_compile_reaches_both_sampling_paths(best_of_run, monkeypatch):
+    """judge.py --compile=true must reach generate for the models' own answers and for the Best-of-N pool (catches
+    either call dropping it). The spy then generates eagerly: compiled generation itself is tested in test_model."""
+    tmp_path, argv = best_of_run
+    seen, generate = [], model.GPT.generate
+
+    def spy(self, *args, compiled=False, **kwargs):
+        seen.append((kwargs.get("num_samples", 1), compiled))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(model.GPT, "generate", spy)
+    judge.main(argv + ["--compile=true", "--judge=none"])
+    assert {n for n, _ in seen} == {1, 4} and all(c for _, c in seen), seen
