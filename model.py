@@ -77,7 +77,7 @@ class Linear(nn.Linear):
     """nn.Linear (y = x W^T + b), plus a weight that `generate` prepares once for its many small products: cast to
     the dtype they run in and, on CPU, packed into oneDNN's blocked layout. Given a plain weight, the CPU matmul
     libraries re-lay it out on every call, which for the 8 rows of a decode step costs more than the multiply
-    itself: packed, a gpt2 decode step reads its weights at close to memory speed (bench.py, section 8)."""
+    itself: packed, those matmuls run 2-3x faster (bench.py, section 8, times the decode step)."""
 
     prepared: tuple | None = None  # (weight, bias) while generate() runs, else None
 
@@ -246,17 +246,8 @@ class GPT(nn.Module):
                 return self.lm_head(x)  # its weight is in fp32 and x is cast to it
             return F.linear(x.float(), self.lm_head.weight.float())
 
-    def compiled_step(self, cache: KVCache):
-        """The decode step of generate(compiled=True), through torch.compile: its shapes never change (see KVCache),
-        so it compiles once per batch shape and, on CUDA, replays as one CUDA graph ("reduce-overhead"): the ~300
-        small kernels of a gpt2 step are launched by one call, not by one Python dispatch each. The tensors it reads
-        or updates in place (cache, prepared weights) are marked as fixed addresses, without a guard, so a new
-        generate call re-records the graph instead of recompiling."""
-        prepared = [t for m in self.modules() if isinstance(m, Linear) for t in m.prepared if t is not None]
-        for t in [*cache.k, *cache.v, cache.pos, *prepared]:
-            torch._dynamo.mark_static_address(t, guard=False)
-        cuda = cache.pos.device.type == "cuda"
-        return torch.compile(self, mode="reduce-overhead" if cuda else "default", dynamic=False, fullgraph=True)
+    # ------------------------------------------------------------------------------------------------------------
+    # 2. Generation
 
     @contextlib.contextmanager
     def decoding(self, dtype: torch.dtype, rows: int, pack: bool = True):
@@ -278,8 +269,18 @@ class GPT(nn.Module):
             for m in linears:
                 m.prepared = None
 
-    # ------------------------------------------------------------------------------------------------------------
-    # 2. Generation
+    def compiled_step(self, cache: KVCache):
+        """The decode step of generate(compiled=True), through torch.compile: its shapes never change (see KVCache),
+        so it compiles once per batch size and cache length (generate rounds that up to a multiple of 128) and, on
+        CUDA, replays as one CUDA graph ("reduce-overhead"): the ~300
+        small kernels of a gpt2 step are launched by one call, not by one Python dispatch each. The tensors it reads
+        or updates in place (cache, prepared weights) are marked as fixed addresses, without a guard, so a new
+        generate call re-records the graph instead of recompiling."""
+        prepared = [t for m in self.modules() if isinstance(m, Linear) for t in m.prepared if t is not None]
+        for t in [*cache.k, *cache.v, cache.pos, *prepared]:
+            torch._dynamo.mark_static_address(t, guard=False)
+        cuda = cache.pos.device.type == "cuda"
+        return torch.compile(self, mode="reduce-overhead" if cuda else "default", dynamic=False, fullgraph=True)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
