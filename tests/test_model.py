@@ -360,7 +360,7 @@ def test_compiled_generation_matches_eager():
     """generate(compiled=True) decodes through torch.compile over the whole fixed-size cache (on CUDA, replayed as a
     CUDA graph) and keeps ended rows in its batch, where eager drops them. Catches cache positions not yet written
     that the mask fails to hide, a cache position that does not advance, an ended row leaking into the others, and
-    random draws that depend on which rows have ended (the same seed must give the same answers). One compile."""
+    random draws that depend on which rows have ended (the same seed must give the same answers). Two compiles."""
     m = small_with_biases()
     prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
     eos = m.generate(prompts, 12, temperature=0, eos_id=-1)[1][2]  # row 1 ends early, the others go on
@@ -369,6 +369,9 @@ def test_compiled_generation_matches_eager():
         got = m.generate(prompts, 12, eos_id=eos, generator=torch.Generator().manual_seed(3), compiled=True, **kwargs)
         assert got == want, kwargs
         assert len(got[0]) == 12 and len(got[1]) <= 2  # row 1 ends early in both (with these seeds)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # judge.py's path: an fp32 model sampled under bf16 autocast
+        want = m.generate(prompts, 12, temperature=1.0, generator=torch.Generator().manual_seed(3))
+        assert m.generate(prompts, 12, temperature=1.0, generator=torch.Generator().manual_seed(3), compiled=True) == want
 
 
 def test_generate_prepares_weights_for_itself_only():
