@@ -94,7 +94,7 @@ figures: ## Figure 3 (win rate vs temperature, vs DPO step, vs model size), trai
 
 all: sft dpo reward eval figures ## the full GPU replication for MODEL, stage by stage
 
-bench: ## speed: ours vs transformers and TRL (pip install -e '.[bench]'), bf16 vs fp32, against measured limits (CPU: ~15 min)
+bench: ## speed: ours vs transformers and TRL (pip install -e '.[bench]'), bf16 vs fp32, against measured limits (CPU: ~7 min)
 	$(PY) bench.py
 
 memory: ## per-GPU memory of each GPT-2 size with DDP, FSDP and FSDP + offload, computed (seconds)

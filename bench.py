@@ -1,6 +1,6 @@
 """Speed: ours against `transformers` and against the naive ways, with MFU against a measured matmul peak.
 
-    python bench.py                                 # = make bench (CPU, 2 idle cores: ~3 min; a GPU: ~1 min)
+    python bench.py                                 # = make bench (CPU, 2 idle cores: ~7 min, 5 of them section 8)
     python bench.py --model=gpt2-medium --batch=16  # any preset; random weights, since speed does not depend on them
     python bench.py --memory=true --world=8         # per-GPU memory of each GPT-2 size: DDP vs FSDP vs FSDP + offload
     python bench.py --peer_only=true                # section 8 alone: gpt2 against its limits, TRL, transformers
