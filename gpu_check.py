@@ -119,6 +119,7 @@ def check_fused_adamw(device) -> str:
 def check_compile(device) -> str:
     if device.type != "cuda":
         raise Skip("CUDA only (on a CPU it compiles C++ for minutes and is not what the scripts use)")
+    import torch._inductor.config
     model, batch = new_model(device), batch_for(device)
     compiled = torch.compile(model)
     loss_eager, grad_eager = loss_and_grads(model, batch, device, torch.bfloat16)
@@ -130,17 +131,21 @@ def check_compile(device) -> str:
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
     eager = model.generate(prompts, 32, temperature=0, eos_id=-1)
     clock = [time.perf_counter()]
-    for _ in range(3):  # compile + record, then two replays
-        got = model.generate(prompts, 32, temperature=0, eos_id=-1, compiled=True)
-        torch.cuda.synchronize()
-        clock.append(time.perf_counter())
-    assert got == eager, f"compiled generate {got} vs eager {eager}"
+    # each call brings a new cache and new prepared weights, so the graph is re-recorded per call: 20 calls show
+    # whether that stays cheap (the judge makes hundreds)
+    with torch._inductor.config.patch({"triton.cudagraph_or_error": True}):  # no silent fallback: FAIL with why
+        for _ in range(20):
+            got = model.generate(prompts, 32, temperature=0, eos_id=-1, compiled=True)
+            torch.cuda.synchronize()
+            clock.append(time.perf_counter())
+            assert got == eager, f"compiled generate {got} vs eager {eager}"
     t0 = time.perf_counter()
     model.generate(prompts, 32, temperature=0, eos_id=-1)
     torch.cuda.synchronize()
-    speed = (time.perf_counter() - t0) / (clock[-1] - clock[-2])
+    calls = [b - a for a, b in zip(clock, clock[1:])]
     return (f"train step loss {loss_comp:.4f} vs eager {loss_eager:.4f} (grad cos {cos:.5f}); generate(compiled=True) "
-            f"== eager, {speed:.1f}x eager's speed after {clock[1] - clock[0]:.0f} s of compiling")
+            f"== eager, {(time.perf_counter() - t0) / calls[2]:.1f}x eager's speed after {calls[0]:.0f} s of "
+            f"compiling; call 20 took {calls[-1] / calls[2]:.2f}x call 3")
 
 
 def check_ddp(device) -> str:

@@ -369,9 +369,11 @@ def test_compiled_generation_matches_eager():
         got = m.generate(prompts, 12, eos_id=eos, generator=torch.Generator().manual_seed(3), compiled=True, **kwargs)
         assert got == want, kwargs
         assert len(got[0]) == 12 and len(got[1]) <= 2  # row 1 ends early in both (with these seeds)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # judge.py's path: an fp32 model sampled under bf16 autocast
-        want = m.generate(prompts, 12, temperature=1.0, generator=torch.Generator().manual_seed(3))
-        assert m.generate(prompts, 12, temperature=1.0, generator=torch.Generator().manual_seed(3), compiled=True) == want
+    # judge.py's paths: an fp32 model sampled under bf16 autocast, several answers per prompt (Best of N)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kwargs = dict(temperature=1.0, num_samples=2)
+        want = m.generate(prompts, 12, generator=torch.Generator().manual_seed(3), **kwargs)
+        assert m.generate(prompts, 12, generator=torch.Generator().manual_seed(3), compiled=True, **kwargs) == want
 
 
 def test_generate_prepares_weights_for_itself_only():
