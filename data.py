@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import EOT, atomic_write, cache_dir, download, get_tokenizer, hf_url, parse_settings
+import common
+import model as gpt
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. HH-RLHF: download and parse
@@ -73,10 +74,10 @@ def hh_subsets(subsets: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
 
 
 def hh_file(subset: str, split: str) -> Path:
-    """One HH file in the cache, downloaded on first use (resumable, retried, atomic: see model.download)."""
+    """One HH file in the cache, downloaded on first use (resumable, retried, atomic: see common.download)."""
     check_choice(split, SPLITS, "split")
-    url = hf_url(f"datasets/Anthropic/hh-rlhf/resolve/main/{subset}/{split}.jsonl.gz")
-    return download(url, cache_dir() / "hh-rlhf" / subset / f"{split}.jsonl.gz")
+    url = common.hf_url(f"datasets/Anthropic/hh-rlhf/resolve/main/{subset}/{split}.jsonl.gz")
+    return common.download(url, common.cache_dir() / "hh-rlhf" / subset / f"{split}.jsonl.gz")
 
 
 def read_hh_file(subset: str, split: str) -> tuple[Path, str]:
@@ -92,7 +93,7 @@ def read_hh_file(subset: str, split: str) -> tuple[Path, str]:
             if attempt == 1:
                 raise RuntimeError(
                     f"{path} is corrupt again after a fresh download ({type(e).__name__}: {e}); it was removed. "
-                    f"The server ({hf_url('')}) sends a bad file: check HF_ENDPOINT, or put a good copy at {path}"
+                    f"The server ({common.hf_url('')}) sends a bad file: check HF_ENDPOINT, or put a good copy at {path}"
                 ) from e
             print(f"{path} is corrupt ({type(e).__name__}: {e}); removed it, downloading it again")
 
@@ -266,14 +267,14 @@ def tokenize_pairs(pairs: list[dict], max_length: int = 512, max_prompt_length: 
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length < max_length so every response keeps a token; "
                          f"got max_prompt_length={max_prompt_length}, max_length={max_length}")
-    enc = get_tokenizer()
+    enc = common.get_tokenizer()
     rows, counts = {part: [] for part in PARTS}, Counter()
     for start in range(0, len(pairs), 4096):  # in chunks: Python lists of all ids at once would take GBs
         chunk = pairs[start: start + 4096]
         # encode_ordinary: a literal "<|endoftext|>" in the text is plain text, so EOT only ever ends a response
         ids = [enc.encode_ordinary_batch([pair[part] for pair in chunk]) for part in PARTS]
         for prompt, chosen, rejected in zip(*ids):
-            chosen, rejected = chosen + [EOT], rejected + [EOT]
+            chosen, rejected = chosen + [gpt.EOT], rejected + [gpt.EOT]
             longer = max(len(chosen), len(rejected))
             if len(prompt) + longer > max_length:
                 if truncation == "drop":
@@ -321,14 +322,14 @@ def tokenize_dataset(dataset: str, split: str, max_length: int = 512, max_prompt
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     name = re.sub(r"[^\w-]+", "_", dataset)  # "hh:helpful-base,harmless-base" -> "hh_helpful-base_harmless-base"
-    path = cache_dir() / "tokenized" / f"{name}-{split}-{digest}.npz"
+    path = common.cache_dir() / "tokenized" / f"{name}-{split}-{digest}.npz"
     if path.exists():
         with np.load(path, allow_pickle=False) as npz:
             tok = dict(npz)
         print(f"{dataset} {split}: loaded from {path}: {tok['summary']}")
         return tok
     tok = tokenize_pairs(load_pairs(dataset, split), max_length, max_prompt_length, truncation)
-    atomic_write(path, lambda f: np.savez(f, **tok))  # a crash or a second rank never leaves half a cache
+    common.atomic_write(path, lambda f: np.savez(f, **tok))  # a crash or a second rank never leaves half a cache
     return tok
 
 
@@ -394,8 +395,8 @@ def eval_subset(n: int, k: int, seed: int) -> np.ndarray:
 def pad_rows(rows: list[tuple[np.ndarray, np.ndarray]], loss_on_prompt: bool = False) -> dict[str, torch.Tensor]:
     """(prompt_ids, response_ids) per row -> input_ids, target_ids (B, T) int64 and loss_mask (B, T) bool."""
     T = max(len(prompt) + len(response) for prompt, response in rows) - 1
-    input_ids = torch.full((len(rows), T), EOT, dtype=torch.int64)  # (B, T)
-    target_ids = torch.full((len(rows), T), EOT, dtype=torch.int64)  # (B, T)
+    input_ids = torch.full((len(rows), T), gpt.EOT, dtype=torch.int64)  # (B, T)
+    target_ids = torch.full((len(rows), T), gpt.EOT, dtype=torch.int64)  # (B, T)
     loss_mask = torch.zeros((len(rows), T), dtype=torch.bool)  # (B, T)
     for b, (prompt, response) in enumerate(rows):
         assert len(prompt) >= 1 and len(response) >= 1, f"row {b}: prompt {len(prompt)}, response {len(response)}"
@@ -478,14 +479,14 @@ class Settings:
 
 
 if __name__ == "__main__":
-    s = parse_settings(Settings)
+    s = common.parse_settings(Settings)
     tok = tokenize_dataset(s.dataset, s.split, s.max_length, s.max_prompt_length)
     lengths = example_lengths(tok, "pref")
     print(f"pair lengths (prompt + longer response): median {np.median(lengths):.0f}, max {lengths.max()}")
     for grouped in (False, True):
         batches = epoch_batches(lengths, 64, seed=0, epoch=0, group_by_length=grouped)
         print(f"padding at batch size 64, group_by_length={grouped}: {padding_fraction(lengths, batches):.1%}")
-    enc = get_tokenizer()
+    enc = common.get_tokenizer()
     batch = preference_batch(tok, range(s.batch_size))
     for row, mask in enumerate(batch["loss_mask"]):
         first = int(mask.nonzero()[0])  # the first position whose target is a response token

@@ -35,8 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import common
 import data
-import model as gpt
+import parallel
 import sft
 
 
@@ -141,36 +142,37 @@ def reference_logps(s: Settings, reference, tok: dict, split: str) -> np.ndarray
     changes the tokens, and the tokens themselves: an edited data.py or a re-downloaded dataset changes them under
     the same settings. With several processes each computes every world-th pair and an all_reduce of the
     zero-filled rest assembles the whole table."""
-    rank, world, _, device, dtype, _ = sft.setup(s)
+    run = parallel.setup(s)
+    device = run.device
     weights = Path(s.model) / "model.safetensors" if Path(s.model).is_dir() else Path(s.model)
     stamp = [str(weights.resolve()), weights.stat().st_size, weights.stat().st_mtime_ns] if weights.exists() else [s.model, s.seed]
     tokens = hashlib.sha256()
     for name in sorted(k for k in tok if k.endswith(("_ids", "_offsets"))):
         tokens.update(np.ascontiguousarray(tok[name]))
     key = json.dumps([stamp, tokens.hexdigest(), s.dataset, split, s.max_length, s.max_prompt_length, s.truncation,
-                      str(dtype)])
-    path = gpt.cache_dir() / "reference_logps" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
+                      str(run.dtype)])
+    path = common.cache_dir() / "reference_logps" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
     if path.exists():
         return np.load(path, allow_pickle=False)
     n = data.n_examples(tok)
     table = torch.zeros(n, 2, dtype=torch.float64, device=device)
     reference.to(device).eval()
-    ids = list(range(n))[rank::world]
+    ids = list(range(n))[run.rank :: run.world]
     step = 2 * s.micro_batch_size  # no gradients, so larger batches fit
     with torch.no_grad():
         for i in range(0, len(ids), step):
             chunk = ids[i : i + step]
             batch = {k: v.to(device) for k, v in data.preference_batch(tok, chunk).items()}
-            with gpt.autocast(device, dtype):
+            with common.autocast(device, run.dtype):
                 chosen, rejected = concatenated_forward(reference, batch)
             table[chunk] = torch.stack([chosen, rejected], -1).double()
-            if rank == 0 and (i // step) % 50 == 0:
-                print(f"  reference log-probs ({split}): {min(i + step, len(ids)) * world}/{n}", flush=True)
-    if world > 1:
+            if run.rank == 0 and (i // step) % 50 == 0:
+                print(f"  reference log-probs ({split}): {min(i + step, len(ids)) * run.world}/{n}", flush=True)
+    if run.world > 1:
         torch.distributed.all_reduce(table)
     result = table.float().cpu().numpy()
-    if rank == 0:
-        gpt.atomic_write(path, lambda f: np.save(f, result))
+    if run.rank == 0:
+        common.atomic_write(path, lambda f: np.save(f, result))
     return result
 
 
@@ -205,7 +207,7 @@ def main(argv=None):
         del reference  # its log-probs are all we need from it
         loss_fn = make_loss(s)
     elif s.reference == "live":
-        device = sft.setup(s)[3]
+        device = parallel.setup(s).device
         loss_fn = make_loss(s, reference.to(device).eval())
     else:
         raise SystemExit(f"--reference must be precomputed or live, got {s.reference!r}")

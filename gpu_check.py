@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import common
 import model as gpt
 import sft
 
@@ -62,7 +63,7 @@ def new_model(device) -> gpt.GPT:
 
 def loss_and_grads(model, batch, device, dtype):
     model.zero_grad(set_to_none=True)
-    with gpt.autocast(device, dtype):
+    with common.autocast(device, dtype):
         losses, _ = sft.sft_loss(model, batch)
     loss = losses.mean()
     loss.backward()
@@ -95,7 +96,7 @@ def check_sdpa(device) -> str:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # flash needs half precision on CUDA
     with sdpa_kernel(fused):  # "No available kernel" here means our call falls back to the slow math kernel
         loss, _ = loss_and_grads(model, batch, device, dtype)  # training: is_causal, no mask
-        with gpt.autocast(device, dtype):
+        with common.autocast(device, dtype):
             model.generate([[1, 2, 3], [4, 5]], 4, temperature=0)  # generation: boolean mask, KV cache
     return f"training (causal) and generation (masked) attention run with only {[b.name for b in fused]} allowed"
 
@@ -222,7 +223,7 @@ CHECKS = {"bf16 autocast": check_bf16, "SDPA kernel": check_sdpa, "fused AdamW":
 
 
 def main() -> int:
-    s = gpt.parse_settings(Settings)
+    s = common.parse_settings(Settings)
     if s.device == "auto" and not torch.cuda.is_available():
         for name in CHECKS:
             print(f"SKIP  {name}: no CUDA device (python gpu_check.py --device=cpu runs the CPU-meaningful ones)")

@@ -25,8 +25,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed (servers, CI)
 import matplotlib.pyplot as plt
 
-import model
-from judge import BEST_OF, STEPS_MODEL, read_jsonl
+import common
+import model as gpt
+import sampling
 
 
 @dataclasses.dataclass
@@ -76,13 +77,13 @@ def group_by(rows: list[dict], key: str) -> dict[str, list[dict]]:
 
 def plot_temperature(rows: list[dict], path: Path) -> None:
     """Figure 3 left: the models of --models (not the intermediate DPO checkpoints)."""
-    rows = [r for r in largest_best_of(rows) if r["model"] != STEPS_MODEL]
+    rows = [r for r in largest_best_of(rows) if r["model"] != sampling.STEPS_MODEL]
     line_plot(group_by(rows, "model"), "temperature", "sampling temperature", "Win rate vs temperature", path)
 
 
 def best_of_k(row: dict) -> int | None:
     """k of a best_of_<k> row (judge.py's Best of N), else None."""
-    return int(row["model"][len(BEST_OF) :]) if row["model"].startswith(BEST_OF) else None
+    return int(row["model"][len(sampling.BEST_OF) :]) if row["model"].startswith(sampling.BEST_OF) else None
 
 
 def largest_best_of(rows: list[dict]) -> list[dict]:
@@ -107,7 +108,7 @@ def plot_best_of(rows: list[dict], path: Path) -> None:
 def plot_steps(rows: list[dict], path: Path) -> None:
     """Figure 3 right, one line per temperature: the --dpo_steps checkpoints, plus the model named "sft" (where DPO
     starts: step 0) and the one named "dpo" (where it ends) when they were evaluated too."""
-    steps = [r for r in rows if r["model"] == STEPS_MODEL]
+    steps = [r for r in rows if r["model"] == sampling.STEPS_MODEL]
     if not steps:
         print(f"no --dpo_steps results: skipping {path.name}")
         return
@@ -121,9 +122,9 @@ def plot_sizes(pattern: str, temperature: float, path: Path) -> None:
     rows = []
     for results in sorted(glob.glob(str(Path(pattern) / "results.jsonl"))):
         size = Path(results).parent.parent.name  # runs/gpt2-medium/eval/results.jsonl -> gpt2-medium
-        rows += [{**r, "size": size} for r in read_jsonl(Path(results))
-                 if r["temperature"] == temperature and r["model"] != STEPS_MODEL]
-    sizes = sorted({r["size"] for r in rows}, key=lambda s: list(model.PRESETS).index(s) if s in model.PRESETS else 99)
+        rows += [{**r, "size": size} for r in common.read_jsonl(Path(results))
+                 if r["temperature"] == temperature and r["model"] != sampling.STEPS_MODEL]
+    sizes = sorted({r["size"] for r in rows}, key=lambda s: list(gpt.PRESETS).index(s) if s in gpt.PRESETS else 99)
     if len(sizes) < 2:
         print(f"results for {len(sizes)} model size(s) under {pattern}: skipping {path.name}")
         return
@@ -140,7 +141,7 @@ def plot_training(run_dirs: list[str], path: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     drawn = 0
     for run in run_dirs:
-        metrics = read_jsonl(Path(run) / "metrics.jsonl")
+        metrics = common.read_jsonl(Path(run) / "metrics.jsonl")
         is_dpo = any("reward_accuracy" in m for m in metrics)  # what tells a DPO run's metrics from SFT's
         for ax, (key, title, dpo_panel) in zip(axes.flat, panels):
             if dpo_panel != is_dpo:
@@ -165,7 +166,7 @@ def plot_length(rows: list[dict], path: Path) -> None:
     """Left: mean answer tokens vs temperature per model, and the chosen answers' mean. Right: raw win rate (solid,
     Wilson interval) and length-controlled win rate (dashed, bootstrap interval) vs temperature per model. A gap
     between the two lines is the part of the win rate that length explains."""
-    rows = [r for r in rows if r["model"] != STEPS_MODEL]
+    rows = [r for r in rows if r["model"] != sampling.STEPS_MODEL]
     old = [r for r in rows if not {"response_tokens", "chosen_tokens", "lc_win_rate"} <= set(r)]
     if old:
         print(f"results.jsonl: {len(old)} rows without answer lengths or LC win rate, written by an older judge.py; "
@@ -197,9 +198,9 @@ def plot_length(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    s = model.parse_settings(Settings, argv)
+    s = common.parse_settings(Settings, argv)
     out = Path(s.out)
-    rows = read_jsonl(out / "results.jsonl")
+    rows = common.read_jsonl(out / "results.jsonl")
     if not rows:
         raise FileNotFoundError(f"no {out / 'results.jsonl'}: run judge.py --out={out} first")
     plot_temperature(rows, out / "fig3_temperature.png")

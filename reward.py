@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import data
 import dpo
 import model as gpt
@@ -102,7 +103,7 @@ class RewardModel(nn.Module):
         with torch.autocast(h.device.type, enabled=False):  # fp32 head: rewards are compared to ~1e-3
             return HEAD_SCALE * (h.float() @ self.head.weight[0])  # (B,) = s w . h; a new tensor, not a view (FSDP)
 
-    # sft.train saves and resumes any model through these two (sft.write_weights / sft.read_weights)
+    # sft.train saves and resumes any model through these two (checkpoint.write_weights / checkpoint.read_weights)
 
     def save(self, directory: Path, meta: dict | None = None, state_dict: dict | None = None) -> None:
         """The trunk exactly as model.save_model writes a GPT-2 (model.load_model and `transformers` read it), the
@@ -114,7 +115,7 @@ class RewardModel(nn.Module):
         trunk = {k.removeprefix("gpt."): v for k, v in sd.items() if k.startswith("gpt.")}
         gpt.save_model(self.gpt, tmp, meta=meta, state_dict=trunk)
         gpt.write_safetensors(tmp / HEAD_FILE, {"head.weight": sd["head.weight"]}, {"format": "pt"})
-        gpt.replace_dir(tmp, directory)
+        common.replace_dir(tmp, directory)
 
     def load(self, directory: Path) -> dict:
         """The whole weights `save` wrote, keyed as this module's state_dict()."""
@@ -219,7 +220,7 @@ def score_responses(score, prompts: list[list[int]], responses: list[list[int]],
     rewards = []
     for i in range(0, len(rows), batch_size):
         batch = {k: v.to(device) for k, v in data.pad_rows(rows[i : i + batch_size]).items()}
-        with gpt.autocast(device, dtype):
+        with common.autocast(device, dtype):
             rewards += score(batch).float().tolist()
     return rewards
 
@@ -232,7 +233,7 @@ def pair_margins(score, tok: dict, n: int, device, dtype, batch_size: int) -> li
     with torch.no_grad():
         for i in range(0, n, batch_size):
             batch = {k: v.to(device) for k, v in data.preference_batch(tok, range(i, min(i + batch_size, n))).items()}
-            with gpt.autocast(device, dtype):
+            with common.autocast(device, dtype):
                 rewards = score(batch).float()
             B = rewards.shape[0] // 2
             margins += (rewards[:B] - rewards[B:]).tolist()

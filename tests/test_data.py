@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import data
 import model
 
@@ -67,7 +68,7 @@ def hub(file_server, monkeypatch, tmp_path):
     def put(subset, split, *bodies):
         file_server.files[f"/datasets/Anthropic/hh-rlhf/resolve/main/{subset}/{split}.jsonl.gz"] = list(bodies)
 
-    return SimpleNamespace(put=put, requests=file_server.requests, cached=lambda subset, split: model.cache_dir() /
+    return SimpleNamespace(put=put, requests=file_server.requests, cached=lambda subset, split: common.cache_dir() /
                            "hh-rlhf" / subset / f"{split}.jsonl.gz")
 
 
@@ -130,7 +131,7 @@ def test_corrupt_gz_twice_raises_naming_the_file(hub):
 
 def test_missing_file_and_unknown_names_give_clear_errors(hub):
     """Catches: a 404 swallowed into an empty dataset, and a typo in a subset or split going unexplained."""
-    with pytest.raises(model.DownloadError, match="no such file"):
+    with pytest.raises(common.DownloadError, match="no such file"):
         data.load_hh("test", ["helpful-online"])
     with pytest.raises(ValueError, match="did you mean 'helpful-base'"):
         data.load_hh("test", ["helpfull-base"])
@@ -156,7 +157,7 @@ def test_single_turn_keeps_exactly_one_human_turn():
 def test_prompt_and_response_tokens_decode_back_exactly():
     """Catches: a token lost or merged at the prompt/response boundary, a missing EOT, or a literal
     "<|endoftext|>" in the text turned into the EOT id (which would end the response early)."""
-    enc = model.get_tokenizer()
+    enc = common.get_tokenizer()
     pairs = kept(HELPFUL) + data.synthetic_pairs("test", n=50)
     tok = data.tokenize_pairs(pairs)
     assert data.n_examples(tok) == len(pairs)
@@ -176,7 +177,7 @@ def test_truncation_follows_the_reference_rules():
     """Catches: the prompt's start kept instead of its end, sequences over max_length, responses cut when only the
     prompt needed cutting, EOT kept on a cut response or lost on a whole one, and truncation="drop" keeping or
     dropping the wrong pairs."""
-    enc = model.get_tokenizer()
+    enc = common.get_tokenizer()
     prompt_long, prompt_short = H + words(0, 150) + A, H + words(0, 3) + A
     pairs = [
         {"prompt": prompt_short, "chosen": words(500, 5), "rejected": words(600, 3)},  # fits: untouched
@@ -221,7 +222,7 @@ def test_tokenized_dataset_is_cached_by_source_and_settings(hub, monkeypatch):
     monkeypatch.setattr(data, "tokenize_pairs", no_tokenizing)
     again = data.tokenize_dataset("hh:helpful-base", "test", max_length=64, max_prompt_length=32)
     assert again.keys() == first.keys() and all(np.array_equal(first[k], again[k]) for k in first)
-    (path,) = (model.cache_dir() / "tokenized").glob("*.npz")
+    (path,) = (common.cache_dir() / "tokenized").glob("*.npz")
     assert "pairs tokenized" in str(np.load(path, allow_pickle=False)["summary"])  # raises if it needed pickle
     with pytest.raises(AssertionError, match="tokenized again"):  # other settings: a different cache entry
         data.tokenize_dataset("hh:helpful-base", "test", max_length=128, max_prompt_length=32)

@@ -12,10 +12,14 @@ import numpy as np
 import pytest
 import torch
 
+import apiclient
+import common
 import data
 import judge
 import model
 import plot
+import report
+import sampling
 
 KEY = "sk-test-do-not-leak-0123456789"
 
@@ -151,7 +155,7 @@ def test_401_stops_at_once_with_a_clear_message(fake_openai, tmp_path):
     which server rejected the key, or that repeats the key the server echoed back."""
     fake_openai.reject = True
     comparisons = [comparison(i, " good", "A") for i in range(40)]
-    with pytest.raises(judge.JudgeError, match=r"key rejected by http://127\.0\.0\.1:\d+/v1") as err:
+    with pytest.raises(apiclient.JudgeError, match=r"key rejected by http://127\.0\.0\.1:\d+/v1") as err:
         judge.judge_all(comparisons, FAST, tmp_path)
     assert KEY not in str(err.value)
     assert len(fake_openai.log) <= FAST.concurrency, f"{len(fake_openai.log)} requests after a 401"
@@ -233,10 +237,10 @@ def test_parse_verdict(text, verdict):
 
 def test_retry_wait_honours_retry_after_and_backs_off():
     """Catches: Retry-After ignored, backoff that does not grow, or no jitter (threads retrying in lockstep)."""
-    assert judge.retry_wait(0, 1.0, "0.1") == 0.1
-    waits = [judge.retry_wait(3, 1.0, None) for _ in range(50)]
+    assert apiclient.retry_wait(0, 1.0, "0.1") == 0.1
+    waits = [apiclient.retry_wait(3, 1.0, None) for _ in range(50)]
     assert all(4.0 <= w <= 12.0 for w in waits) and len(set(waits)) > 1, waits
-    assert judge.retry_wait(20, 1.0, None) <= judge.MAX_WAIT_S
+    assert apiclient.retry_wait(20, 1.0, None) <= apiclient.MAX_WAIT_S
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -262,9 +266,9 @@ def test_groundtruth_judge_gives_one_answer_the_same_outcome_in_both_positions(t
 def test_clean_response_cuts_only_the_next_turn():
     """Catches: an answer that runs into the user's next turn, a half-written "\\n\\nHuman" left at the end,
     and stripping of other whitespace (which would change what the judge reads)."""
-    assert judge.clean_response(" Hi.\n\nHuman: more?\n\nAssistant: x") == " Hi."
-    assert judge.clean_response(" Hi.\n\nHuman") == " Hi."
-    assert judge.clean_response(" Hi.\n") == " Hi.\n"
+    assert sampling.clean_response(" Hi.\n\nHuman: more?\n\nAssistant: x") == " Hi."
+    assert sampling.clean_response(" Hi.\n\nHuman") == " Hi."
+    assert sampling.clean_response(" Hi.\n") == " Hi.\n"
 
 
 def test_few_shot_prompt_for_the_base_model(tmp_path, monkeypatch):
@@ -273,7 +277,7 @@ def test_few_shot_prompt_for_the_base_model(tmp_path, monkeypatch):
     splits = []
     load_pairs = data.load_pairs
     monkeypatch.setattr(data, "load_pairs", lambda dataset, split: splits.append(split) or load_pairs(dataset, split))
-    prefix = judge.few_shot_prefix("synthetic", 2, 0, 200)
+    prefix = sampling.few_shot_prefix("synthetic", 2, 0, 200)
     train = {p["prompt"] + p["chosen"] for p in data.single_turn(load_pairs("synthetic", "train"))}
     shots = ["\n\nHuman:" + x for x in prefix.split("\n\nHuman:")[1:]]
     assert splits == ["train"] and len(shots) == 2 and all(x in train for x in shots), (splits, shots)
@@ -285,7 +289,7 @@ def test_few_shot_prompt_for_the_base_model(tmp_path, monkeypatch):
         return [[] for _ in prompts]
 
     monkeypatch.setattr(model.GPT, "generate", fake_generate)
-    enc = model.get_tokenizer()
+    enc = common.get_tokenizer()
     judge.main(SYNTHETIC + ["--models=base:tiny,sft:tiny", "--judge=none", "--temperatures=1.0", f"--out={tmp_path}"])
     base, sft = seen[1.0][:4], seen[1.0][4:]
     assert all(enc.decode(ids).startswith(prefix) for ids in base)
@@ -295,7 +299,7 @@ def test_few_shot_prompt_for_the_base_model(tmp_path, monkeypatch):
     budget = model.PRESETS["tiny"].block_size - 246  # fewer tokens than any synthetic prompt has
     judge.main(SYNTHETIC + ["--models=sft:tiny", "--judge=none", "--temperatures=1.0", "--max_new_tokens=246",
                             f"--out={tmp_path / 'long'}"])
-    full = [enc.encode_ordinary(p["prompt"]) for p in judge.eval_prompts("synthetic", 4, 0)]
+    full = [enc.encode_ordinary(p["prompt"]) for p in sampling.eval_prompts("synthetic", 4, 0)]
     assert all(len(ids) > budget for ids in full)
     assert sorted(seen[1.0]) == sorted(ids[-budget:] for ids in full)
 
@@ -306,7 +310,7 @@ def test_sampling_resumes_then_groundtruth_results_and_figures(tmp_path, monkeyp
     argv = SYNTHETIC + ["--models=base:tiny,sft:tiny", f"--out={tmp_path}"]
     rows = judge.main(argv)
     file = tmp_path / "samples" / "sft.jsonl"
-    samples = judge.read_jsonl(file)
+    samples = common.read_jsonl(file)
     assert len(samples) == 4 * 2
     fields = {"prompt", "response", "chosen", "model", "path", "step", "temperature", "seed"}
     assert all(fields <= set(r) and "\n\nHuman:" not in r["response"] for r in samples)
@@ -321,7 +325,7 @@ def test_sampling_resumes_then_groundtruth_results_and_figures(tmp_path, monkeyp
     monkeypatch.setattr(model.GPT, "generate", spy)
     judge.main(argv)
     assert len(generated) == 8 - 3, f"resumed run generated {len(generated)} answers, 5 were missing"
-    assert judge.read_jsonl(file)[:3] == samples[:3] and len(judge.read_jsonl(file)) == 8
+    assert common.read_jsonl(file)[:3] == samples[:3] and len(common.read_jsonl(file)) == 8
 
     monkeypatch.setattr(model, "load_model", lambda path: pytest.fail(f"loaded {path}: samples should be reused"))
     judge.main(argv)
@@ -344,7 +348,7 @@ def test_dpo_steps_give_figure_3_right(tmp_path):
     rows = judge.main(SYNTHETIC + ["--models=sft:tiny", f"--dpo_steps={tmp_path / 'dpo'}", f"--out={tmp_path}",
                                    "--temperatures=0.5"])
     assert [(r["model"], r["step"]) for r in rows] == [
-        ("sft", None), (judge.STEPS_MODEL, 100), (judge.STEPS_MODEL, 200)]
+        ("sft", None), (sampling.STEPS_MODEL, 100), (sampling.STEPS_MODEL, 200)]
     plot.main([f"--out={tmp_path}", "--runs=", f"--sizes={tmp_path}/none"])
     assert (tmp_path / "fig3_steps.png").stat().st_size > 1000
 
@@ -385,16 +389,16 @@ def test_lc_win_rate_known_answers():
 def test_results_carry_lengths_and_lc_win_rate(tmp_path):
     """Catches length columns computed from the wrong text (the prompt, or the model's answer for both), in
     characters instead of tokens, or missing from results.jsonl / results.md."""
-    enc = model.get_tokenizer()
+    enc = common.get_tokenizer()
     judgments = [{"model": "dpo", "step": None, "temperature": 1.0, "outcome": o, "prompt": f"q{i}",
                   "response": " one two three" * (i + 1), "chosen": " yes"} for i, o in enumerate(["win", "loss", "win"])]
     (row,) = judge.score(judgments)
     assert row["response_tokens"] == pytest.approx(np.mean([len(enc.encode_ordinary(j["response"])) for j in judgments]))
     assert row["response_tokens"] == 6 and row["chosen_tokens"] == 1, row
     assert 0 < row["lc_ci_low"] <= row["lc_win_rate"] <= row["lc_ci_high"] < 1, row
-    judge.write_results([row], tmp_path, [])
+    report.write_results([row], tmp_path, [])
     assert "LC win rate" in (tmp_path / "results.md").read_text()
-    assert judge.read_jsonl(tmp_path / "results.jsonl")[0]["lc_win_rate"] == row["lc_win_rate"]
+    assert common.read_jsonl(tmp_path / "results.jsonl")[0]["lc_win_rate"] == row["lc_win_rate"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -411,9 +415,9 @@ def test_a_checkpoint_overwritten_in_place_is_sampled_again(tmp_path, capsys):
     argv = SYNTHETIC + [f"--models=dpo:{ckpt}", f"--out={tmp_path / 'eval'}", "--temperatures=1.0"]
     file = tmp_path / "eval" / "samples" / "dpo.jsonl"
     first = judge.main(argv)
-    before = judge.read_jsonl(file)
+    before = common.read_jsonl(file)
     judge.main(argv)
-    assert judge.read_jsonl(file) == before and "sampling them again" not in capsys.readouterr().out
+    assert common.read_jsonl(file) == before and "sampling them again" not in capsys.readouterr().out
     other = model.GPT(model.PRESETS["tiny"])  # other weights, same path, same size: a model that only says EOT
     with torch.no_grad():
         other.ln_f.weight.zero_()
@@ -422,7 +426,7 @@ def test_a_checkpoint_overwritten_in_place_is_sampled_again(tmp_path, capsys):
     second = judge.main(argv)
     out = capsys.readouterr().out
     assert "4 stored answers" in out and "were made with fingerprint sha256:" in out, out
-    after = judge.read_jsonl(file)
+    after = common.read_jsonl(file)
     assert len(after) == 4 and [r["response"] for r in after] != [r["response"] for r in before], after
     assert {r["fingerprint"] for r in after}.isdisjoint({r["fingerprint"] for r in before})
     assert [r["response_tokens"] for r in first] == [8] and [r["response_tokens"] for r in second] == [0], (first, second)
@@ -437,13 +441,13 @@ def test_older_samples_and_results_files_get_a_clear_message(tmp_path, capsys, m
     samples = tmp_path / "samples" / "sft.jsonl"
     samples.parent.mkdir(parents=True)
     old = {"model": "sft", "path": "tiny", "step": None, "temperature": 1.0, "seed": 0, "shots": 0,
-           "prompt": judge.eval_prompts("synthetic", 4, 0)[0]["prompt"], "response": " old", "chosen": " x"}
+           "prompt": sampling.eval_prompts("synthetic", 4, 0)[0]["prompt"], "response": " old", "chosen": " x"}
     samples.write_text(json.dumps(old) + "\n" + json.dumps({"response": " older still"}) + "\n")
     judge.main(SYNTHETIC + ["--models=sft:tiny", f"--out={tmp_path}", "--temperatures=1.0"])
     assert "were made with an older judge.py (no weights fingerprint); sampling them again" in capsys.readouterr().out
-    assert all("fingerprint" in r for r in judge.read_jsonl(samples) if r.get("path") == "tiny")
+    assert all("fingerprint" in r for r in common.read_jsonl(samples) if r.get("path") == "tiny")
     rows = [{k: v for k, v in r.items() if k not in ("lc_win_rate", "response_tokens")}
-            for r in judge.read_jsonl(tmp_path / "results.jsonl")]
+            for r in common.read_jsonl(tmp_path / "results.jsonl")]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     plot.main([f"--out={tmp_path}", "--runs=", f"--sizes={tmp_path}/none"])
     out = capsys.readouterr().out
@@ -465,10 +469,10 @@ def test_samples_md_shows_answers_verdicts_and_the_judges_sentence(fake_openai, 
     assert text.startswith("# Answers side by side: 3 evaluation prompts at temperature 0.5"), text[:200]
     sections = text.split("\n## ")[1:]
     assert len(sections) == 3 and all("| | chosen (test set) | sft | dpo |" in x for x in sections), text
-    judged = {(j["model"], j["prompt"]): j for j in judge.read_jsonl(tmp_path / "judgments.jsonl")
+    judged = {(j["model"], j["prompt"]): j for j in common.read_jsonl(tmp_path / "judgments.jsonl")
               if j["temperature"] == 0.5}
     samples = {(r["model"], r["prompt"]): r for name in ("sft", "dpo")
-               for r in judge.read_jsonl(tmp_path / "samples" / f"{name}.jsonl") if r["temperature"] == 0.5}
+               for r in common.read_jsonl(tmp_path / "samples" / f"{name}.jsonl") if r["temperature"] == 0.5}
     for section in sections:
         query = section.splitlines()[0].split(". ", 1)[1]
         ((_, prompt),) = {k for k in samples if k[0] == "sft" and judge.query_text(k[1]) == query}

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import common
 import model
 from model import GPT, GPTConfig
 
@@ -115,7 +116,7 @@ def test_download_resumes_after_cut(file_server, tmp_path, capsys):
     file_server.files["/f.bin"] = blob
     file_server.cut_once.add("/f.bin")
     dest = tmp_path / "f.bin"
-    model.download(file_server.url + "/f.bin", dest)
+    common.download(file_server.url + "/f.bin", dest)
     assert dest.read_bytes() == blob
     assert not (tmp_path / "f.bin.part").exists()
     assert file_server.requests[0] == ("/f.bin", None)
@@ -135,15 +136,15 @@ def test_download_never_leaves_partial_file_under_final_name(file_server, tmp_pa
             pass
 
     file_server.cut_once = AlwaysCut()
-    with pytest.raises(model.DownloadError, match="cannot download"):
-        model.download(file_server.url + "/g.bin", tmp_path / "g.bin", retries=2)
+    with pytest.raises(common.DownloadError, match="cannot download"):
+        common.download(file_server.url + "/g.bin", tmp_path / "g.bin", retries=2)
     assert not (tmp_path / "g.bin").exists()
 
 
 def test_download_checks_sha256(file_server, tmp_path):
     file_server.files["/h.bin"] = b"hello"
-    with pytest.raises(model.DownloadError, match="sha256 mismatch"):
-        model.download(file_server.url + "/h.bin", tmp_path / "h.bin", sha256="0" * 64)
+    with pytest.raises(common.DownloadError, match="sha256 mismatch"):
+        common.download(file_server.url + "/h.bin", tmp_path / "h.bin", sha256="0" * 64)
     assert not (tmp_path / "h.bin").exists()
 
 
@@ -155,10 +156,10 @@ def test_from_pretrained_via_hub_and_errors(file_server, tmp_path, monkeypatch):
     file_server.files["/openai-community/gpt2/resolve/main/model.safetensors"] = (tmp_path / "hf" / "model.safetensors").read_bytes()
     m = GPT.from_pretrained("gpt2")
     assert m.config == SMALL
-    with pytest.raises(model.DownloadError, match="no such file.*gpt2-medium.*404"):
+    with pytest.raises(common.DownloadError, match="no such file.*gpt2-medium.*404"):
         model.load_model("gpt2-medium")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
-    with pytest.raises(model.DownloadError, match="HF_ENDPOINT.*local file"):
+    with pytest.raises(common.DownloadError, match="HF_ENDPOINT.*local file"):
         model.load_model("gpt2-large")
 
 
@@ -214,7 +215,7 @@ def test_generate_cache_and_batching_match_naive():
 
 def test_generate_stops_at_eos_and_stop_strings():
     """Rows end independently; the stop string and anything after it are not returned."""
-    enc = model.get_tokenizer()
+    enc = common.get_tokenizer()
     torch.manual_seed(0)
     m = GPT(dataclasses.replace(SMALL, vocab_size=50257)).eval()
     # A scripted forward replaces the network: each token determines the next. Row 0 says " fine." then starts a
@@ -285,14 +286,14 @@ class _Demo:
 
 
 def test_parse_settings(capsys):
-    s = model.parse_settings(_Demo, ["--lr=3e-4", "--flag=true", "--temps=0.5,0.75", "--name=a=b"])
+    s = common.parse_settings(_Demo, ["--lr=3e-4", "--flag=true", "--temps=0.5,0.75", "--name=a=b"])
     assert (s.lr, s.flag, s.temps, s.name) == (3e-4, True, (0.5, 0.75), "a=b")
     with pytest.raises(SystemExit, match="did you mean --flag"):
-        model.parse_settings(_Demo, ["--flagg=1"])
+        common.parse_settings(_Demo, ["--flagg=1"])
     with pytest.raises(SystemExit, match="true/false"):
-        model.parse_settings(_Demo, ["--flag=yes"])
+        common.parse_settings(_Demo, ["--flag=yes"])
     with pytest.raises(SystemExit):
-        model.parse_settings(_Demo, ["--help"])
+        common.parse_settings(_Demo, ["--help"])
     assert "learning rate" in capsys.readouterr().out
 
 
@@ -356,66 +357,15 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert diff <= 1e-6, f"max abs gradient difference {diff}"
 
 
-def test_compiled_generation_matches_eager():
-    """generate(compiled=True) decodes through torch.compile over the whole fixed-size cache (on CUDA, replayed as a
-    CUDA graph) and keeps ended rows in its batch, where eager drops them. Catches cache positions not yet written
-    that the mask fails to hide, a cache position that does not advance, an ended row leaking into the others, and
-    random draws that depend on which rows have ended (the same seed must give the same answers). Two compiles."""
-    m = small_with_biases()
-    prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
-    eos = m.generate(prompts, 12, temperature=0, eos_id=-1)[1][2]  # row 1 ends early, the others go on
-    for kwargs in (dict(temperature=0), dict(temperature=1.0, top_k=20)):  # seeded: the same draws in both
-        want = m.generate(prompts, 12, eos_id=eos, generator=torch.Generator().manual_seed(3), **kwargs)
-        got = m.generate(prompts, 12, eos_id=eos, generator=torch.Generator().manual_seed(3), compiled=True, **kwargs)
-        assert got == want, kwargs
-        assert len(got[0]) == 12 and len(got[1]) <= 2  # row 1 ends early in both (with these seeds)
-    # judge.py's paths: an fp32 model sampled under bf16 autocast, several answers per prompt (Best of N)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        kwargs = dict(temperature=1.0, num_samples=2)
-        want = m.generate(prompts, 12, generator=torch.Generator().manual_seed(3), **kwargs)
-        assert m.generate(prompts, 12, generator=torch.Generator().manual_seed(3), compiled=True, **kwargs) == want
-
-
-def test_generate_prepares_weights_for_itself_only():
-    """generate casts (on CPU also packs) every weight once per call; catches prepared copies that outlive the call,
-    also one that fails midway: training would then run on detached copies and its gradients would never reach
-    the weights."""
-    m = small_with_biases()
-    m.generate([[1, 2, 3]], 4, temperature=0)
-
-    def fail(tokens):
-        raise RuntimeError("decode failed")
-
-    with pytest.raises(RuntimeError, match="decode failed"):
-        m.generate([[1, 2, 3]], 4, temperature=0, stop=("x",), decode=fail)
-    assert all(lin.prepared is None for lin in m.modules() if isinstance(lin, model.Linear))
-    m.train()
-    m(torch.tensor([[1, 2, 3, 4]])).logsumexp(-1).mean().backward()
-    assert all(p.grad is not None for p in m.parameters() if p.dim() == 2 and p.shape[0] != SMALL.block_size)
-
-
-def test_generate_with_bf16_weights_samples_from_fp32_logits():
-    """A bf16 model's generate upcasts the head once per call (not per token): catches a head left in bf16 (the
-    logits then round to steps of ~0.25 and, in F.linear with the fp32 hidden state, raise a dtype error) and a
-    cached fp32 head that drifts from the per-call logits path (GPT.forward, which the no-cache decoder uses)."""
-    torch.manual_seed(0)
-    m = GPT(SMALL).eval().to(torch.bfloat16)
-    prompts = [[1, 2, 3, 4, 5], [8, 9]]
-    batched = m.generate(prompts, 8, temperature=0, eos_id=-1)
-    for p, got in zip(prompts, batched):
-        assert got == greedy_without_cache(m, p, 8), (got, greedy_without_cache(m, p, 8))
-    assert m.lm_head.weight.dtype == torch.bfloat16  # the fp32 copy is the call's own, not a change to the model
-
-
 def test_dtype_policy_follows_the_cpu():
     """dtype=auto is bf16 exactly on CPUs with native bf16 matmul: catches a flag test that is always true or always
     false, a pick_device that ignores it, an explicit --dtype that auto overrides, and a reason that hides the flag."""
-    assert model.cpu_bf16_flag("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\nbugs\t\t: spectre_v1") is None
-    assert model.cpu_bf16_flag("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n") == "amx_bf16"
-    assert model.cpu_bf16_flag("flags\t\t: fpu avx512_bf16\n") == "avx512_bf16"
-    assert model.cpu_bf16_flag("model name\t: Apple M2\nFeatures\t: fp asimd bf16\n") is None  # ARM: not claimed
-    device, dtype, reason = model.pick_device("cpu")
-    flag = model.cpu_bf16_flag()
+    assert common.cpu_bf16_flag("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\nbugs\t\t: spectre_v1") is None
+    assert common.cpu_bf16_flag("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n") == "amx_bf16"
+    assert common.cpu_bf16_flag("flags\t\t: fpu avx512_bf16\n") == "avx512_bf16"
+    assert common.cpu_bf16_flag("model name\t: Apple M2\nFeatures\t: fp asimd bf16\n") is None  # ARM: not claimed
+    device, dtype, reason = common.pick_device("cpu")
+    flag = common.cpu_bf16_flag()
     assert dtype == (torch.bfloat16 if flag else torch.float32), (dtype, flag)
     assert (flag or "no native bf16") in reason, reason
-    assert model.pick_device("cpu", "float32")[1] == torch.float32  # an explicit --dtype always wins
+    assert common.pick_device("cpu", "float32")[1] == torch.float32  # an explicit --dtype always wins

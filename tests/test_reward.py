@@ -14,12 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 import data
 import dpo
+import engine
 import judge
 import model
 import plot
 import reward
+import sampling
 import sft
 
 SMALL = model.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=128)
@@ -223,7 +226,7 @@ def test_accuracy_table_matches_a_hand_computation(tmp_path):
     model.save_model(model.GPT(TINY), tmp_path / "sft")
     rm = random_rm(TINY)
     rm.save(tmp_path / "rm")
-    enc = model.get_tokenizer()
+    enc = common.get_tokenizer()
     pairs = data.synthetic_pairs("test")[:12]
     lm = model.load_model(str(tmp_path / "sft")).eval()
     hand = {"sft": [], "rm": []}
@@ -234,7 +237,7 @@ def test_accuracy_table_matches_a_hand_computation(tmp_path):
         hand["rm"].append(alone(rm, prompt, chosen) - alone(rm, prompt, rejected))
     judge.main(SYNTHETIC + ["--models=", "--judge=none", "--accuracy_n=12", "--batch_size=5", f"--out={tmp_path}",
                             f"--accuracy=sft:likelihood:{tmp_path / 'sft'},rm:{tmp_path / 'rm'}"])
-    rows = {r["name"]: r for r in judge.read_jsonl(tmp_path / "accuracy.jsonl")}
+    rows = {r["name"]: r for r in common.read_jsonl(tmp_path / "accuracy.jsonl")}
     z = 1.96
     for name, margins in hand.items():
         k, n = sum(m > 0 for m in margins), len(margins)
@@ -263,14 +266,14 @@ def test_best_of_k_picks_the_argmax_of_the_first_k_per_prompt_and_temperature():
     prompts or temperatures, and k > N passing silently (it would judge best-of-N and call it best-of-k)."""
     pool = [pool_row([0.1, 0.9, 0.3, 2.0], 0.5, "a"), pool_row([5.0, -1.0, 0.0, 1.0], 0.5, "b"),
             pool_row([-3.0, -2.0, -1.0, -4.0], 1.0, "a")]
-    picks = {k: [x["response"] for x in judge.best_of_k(pool, k)] for k in (1, 2, 3, 4)}
+    picks = {k: [x["response"] for x in sampling.best_of_k(pool, k)] for k in (1, 2, 3, 4)}
     assert picks == {1: ["answer 0"] * 3, 2: ["answer 1", "answer 0", "answer 1"],
                      3: ["answer 1", "answer 0", "answer 2"], 4: ["answer 3", "answer 0", "answer 2"]}, picks
-    assert [x["model"] for x in judge.best_of_k(pool, 2)] == ["best_of_2"] * 3
+    assert [x["model"] for x in sampling.best_of_k(pool, 2)] == ["best_of_2"] * 3
     with pytest.raises(ValueError, match="best of 5 asked of a pool holding 4"):
-        judge.best_of_k(pool, 5)
-    assert judge.best_of_ks(128, curve=True) == [1, 2, 4, 8, 16, 32, 64, 128]
-    assert judge.best_of_ks(6, curve=True) == [1, 2, 4, 6] and judge.best_of_ks(6, curve=False) == [6]
+        sampling.best_of_k(pool, 5)
+    assert sampling.best_of_ks(128, curve=True) == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert sampling.best_of_ks(6, curve=True) == [1, 2, 4, 6] and sampling.best_of_ks(6, curve=False) == [6]
 
 
 @pytest.fixture
@@ -289,17 +292,17 @@ def test_best_of_n_pool_scores_selection_results_and_figures(best_of_run):
     best_of rows missing from the results, and the win-rate-vs-N figure or Figure 3's Best-of-N line not drawn."""
     tmp_path, argv = best_of_run
     rows = judge.main(argv + ["--best_of_curve=true"])
-    pool = judge.read_jsonl(tmp_path / "eval" / "samples" / "best_of.jsonl")
+    pool = common.read_jsonl(tmp_path / "eval" / "samples" / "best_of.jsonl")
     assert len(pool) == 4 * 2 and all(len(r["responses"]) == len(r["scores"]) == 4 for r in pool)
     assert all(len(set(r["responses"])) > 1 for r in pool), [r["responses"] for r in pool]
-    enc, rm = model.get_tokenizer(), reward.load_reward_model(tmp_path / "rm").eval()
+    enc, rm = common.get_tokenizer(), reward.load_reward_model(tmp_path / "rm").eval()
     for r in pool[:2]:
         want = [alone(rm, enc.encode_ordinary(r["prompt"]), enc.encode_ordinary(x) + [model.EOT]) for x in r["responses"]]
         assert r["scores"] == pytest.approx(want, abs=1e-4), (r["responses"], r["scores"], want)
-    judged = [j for j in judge.read_jsonl(tmp_path / "eval" / "judgments.jsonl") if j["model"] == "best_of_4"]
+    judged = [j for j in common.read_jsonl(tmp_path / "eval" / "judgments.jsonl") if j["model"] == "best_of_4"]
     assert len(judged) == 8
     best = {(r["temperature"], r["prompt"]): r["responses"][max(range(4), key=r["scores"].__getitem__)] for r in pool}
-    samples = judge.best_of_k(pool, 4)
+    samples = sampling.best_of_k(pool, 4)
     assert all(x["response"] == best[(x["temperature"], x["prompt"])] for x in samples)
     cells = {(r["model"], r["temperature"]) for r in rows}
     assert cells == {(m, t) for m in ("sft", "best_of_1", "best_of_2", "best_of_4") for t in (0.5, 1.0)}, cells
@@ -316,7 +319,7 @@ def test_best_of_n_sampling_resumes_after_a_kill(best_of_run, monkeypatch):
     argv = argv + ["--judge=none"]
     judge.main(argv)
     file = tmp_path / "eval" / "samples" / "best_of.jsonl"
-    whole = judge.read_jsonl(file)
+    whole = common.read_jsonl(file)
     lines = file.read_text().splitlines(keepends=True)
     file.write_text("".join(lines[:3]) + lines[3][:50])  # killed while writing the 4th row
     generated = []
@@ -324,7 +327,7 @@ def test_best_of_n_sampling_resumes_after_a_kill(best_of_run, monkeypatch):
     spy = lambda self, prompts, *a, **k: generated.extend(prompts) or generate(self, prompts, *a, **k)  # noqa: E731
     monkeypatch.setattr(model.GPT, "generate", spy)
     judge.main(argv)
-    again = judge.read_jsonl(file)
+    again = common.read_jsonl(file)
     assert len(generated) == 8 - 3, f"the resumed run sampled {len(generated)} prompts, 5 were missing"
     assert again[:3] == whole[:3] and len(again) == 8, (len(again), "rows kept or added wrongly")
     assert all(line.startswith("{") for line in file.read_text().splitlines()), "a torn line was continued"
@@ -357,14 +360,14 @@ def test_bad_best_of_input_gives_clear_errors(best_of_run):
 
 def test_compile_reaches_both_sampling_paths(best_of_run, monkeypatch):
     """judge.py --compile=true must reach generate for the models' own answers and for the Best-of-N pool (catches
-    either call dropping it). The spy then generates eagerly: compiled generation itself is tested in test_model."""
+    either call dropping it). The spy then generates eagerly: compiled generation itself is tested in test_engine."""
     tmp_path, argv = best_of_run
-    seen, generate = [], model.GPT.generate
+    seen, generate = [], engine.generate
 
-    def spy(self, *args, compiled=False, **kwargs):
+    def spy(net, *args, compiled=False, **kwargs):
         seen.append((kwargs.get("num_samples", 1), compiled))
-        return generate(self, *args, **kwargs)
+        return generate(net, *args, **kwargs)
 
-    monkeypatch.setattr(model.GPT, "generate", spy)
+    monkeypatch.setattr(engine, "generate", spy)
     judge.main(argv + ["--compile=true", "--judge=none"])
     assert {n for n, _ in seen} == {1, 4} and all(c for _, c in seen), seen

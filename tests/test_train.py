@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import bench
+import common
 import data
 import dpo
 import model
@@ -141,7 +142,7 @@ def test_fused_logps_equal_unpadded_per_example_logps():
     with torch.no_grad():
         fused = sft.sequence_logps(m, batch)  # (2B,)
         chosen, rejected = dpo.concatenated_forward(m, batch)  # (B,) each
-    enc = model.get_tokenizer()  # the reference tokenizes by itself, so data.py's slicing is under test too
+    enc = common.get_tokenizer()  # the reference tokenizes by itself, so data.py's slicing is under test too
     want = []
     for side in ("chosen", "rejected"):
         for pair in PAIRS:
@@ -555,12 +556,12 @@ def test_sft_targets_one_per_prompt_keeps_the_last_pair_of_each_prompt(monkeypat
              for i, q in enumerate([0, 1, 0, 2, 1, 0])]
     tok = data.tokenize_pairs(pairs, max_length=64, max_prompt_length=32)
     assert data.one_per_prompt(tok).tolist() == [3, 4, 5], data.one_per_prompt(tok)
-    monkeypatch.setattr(sft, "prepare", lambda cls, argv, stage: (model.parse_settings(cls, argv), tok, tok))
+    monkeypatch.setattr(sft, "prepare", lambda cls, argv, stage: (common.parse_settings(cls, argv), tok, tok))
     monkeypatch.setattr(sft, "load_policy", lambda s: None)
     trained = {}
     monkeypatch.setattr(sft, "train", lambda s, m, loss_fn, train_batch, eval_batch, n_eval, lengths, stage:
                         trained.update(lengths=lengths, batch=train_batch(range(len(lengths)))))
-    enc = model.get_tokenizer()
+    enc = common.get_tokenizer()
     for targets, want in (("every_pair", range(6)), ("one_per_prompt", [3, 4, 5])):
         sft.main([f"--sft_targets={targets}"])
         batch = trained["batch"]
