@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import batching
 import common
 import data
 import dpo
@@ -447,10 +448,10 @@ def bench_tokenize(s, repeats) -> list[str]:
 
 
 def bench_padding(s) -> list[str]:
-    """Padding with and without data.epoch_batches's length grouping: counted, no clock needed."""
+    """Padding with and without batching.epoch_batches's length grouping: counted, no clock needed."""
     # HH-like lengths (prompt + longer response): lognormal around 200 tokens, cut at max_length 512
     lengths = np.clip(np.random.default_rng(s.seed).lognormal(np.log(200), 0.6, 16000), 8, 512).astype(int)
-    fraction = {g: data.padding_fraction(lengths, data.epoch_batches(lengths, 64, s.seed, 0, group_by_length=g))
+    fraction = {g: batching.padding_fraction(lengths, batching.epoch_batches(lengths, 64, s.seed, 0, group_by_length=g))
                 for g in (False, True)}
     padded = {g: 1 / (1 - f) for g, f in fraction.items()}  # tokens computed per real token
     table("5. padding: 16,000 HH-like lengths (median 200, max 512), batches of 64", ["", "padding", "tokens computed"],

@@ -52,14 +52,13 @@ def save_checkpoint(directory: Path, model, optimizer, step: int, settings: dict
     tensors = {f"{i}.{k}": parallel.gather(v, master) for i, st in state["state"].items() for k, v in st.items()}
     if not master:
         return
-    tmp = directory.with_name(directory.name + ".tmp")
-    write_weights(model, tmp, {"step": step, "settings": settings}, weights)
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    gpt.write_safetensors(tmp / "optimizer.safetensors", tensors)
-    (tmp / "state.json").write_text(json.dumps({"step": step, "param_groups": state["param_groups"]}))
-    common.replace_dir(tmp, directory)
+    with common.new_dir(directory) as tmp:
+        write_weights(model, tmp, {"step": step, "settings": settings}, weights)
+        gpt.write_safetensors(tmp / "optimizer.safetensors", tensors)
+        (tmp / "state.json").write_text(json.dumps({"step": step, "param_groups": state["param_groups"]}))
 
 
 def load_checkpoint(directory: Path, model, optimizer) -> int:

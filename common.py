@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import dataclasses
 import difflib
+import gzip
 import hashlib
 import inspect
 import json
@@ -28,8 +29,10 @@ import sys
 import tempfile
 import time
 import typing
+import zlib
 from pathlib import Path
 
+import numpy as np
 import requests
 import tiktoken
 import torch
@@ -85,6 +88,13 @@ def parse_settings(cls, argv: list[str] | None = None):
             raise SystemExit(f"unknown setting --{key}{hint}")
         values[key] = _convert(raw, fields[key].type, key)
     return cls(**values)
+
+
+def check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown {what} {value!r}{hint} (choose from {', '.join(choices)})")
 
 
 def _show(value) -> str:
@@ -284,6 +294,25 @@ def get_tokenizer() -> tiktoken.Encoding:
     return tiktoken.get_encoding("gpt2")
 
 
+def read_gzip(fetch) -> tuple[Path, str]:
+    """(path, text) of the .gz file that fetch() downloads and returns, decompressed whole. A corrupt or truncated
+    file is deleted and fetched once more; corrupt again, it is an error that names the file and the server."""
+    for attempt in range(2):
+        path = fetch()
+        try:
+            # Decompress all of it before parsing: gzip's CRC and end marker sit at the end of the file, so only
+            # then do we know it is whole, and a truncated file can never become a silently shorter dataset.
+            return path, gzip.decompress(path.read_bytes()).decode("utf-8")
+        except (gzip.BadGzipFile, EOFError, zlib.error, UnicodeDecodeError) as e:
+            path.unlink()
+            if attempt == 1:
+                raise RuntimeError(
+                    f"{path} is corrupt again after a fresh download ({type(e).__name__}: {e}); it was removed. "
+                    f"The server ({hf_url('')}) sends a bad file: check HF_ENDPOINT, or put a good copy at {path}"
+                ) from e
+            print(f"{path} is corrupt ({type(e).__name__}: {e}); removed it, downloading it again")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 4. Files: written whole or not at all
 
@@ -296,6 +325,17 @@ def replace_dir(tmp: Path, final: Path) -> None:
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def new_dir(final: Path, suffix: str = ".tmp"):
+    """A fresh, empty directory beside `final` for the block to fill; once the block ends without an error, it
+    replaces `final` (replace_dir). An error leaves `final` as it was."""
+    tmp = Path(final).with_name(Path(final).name + suffix)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    replace_dir(tmp, Path(final))
 
 
 def atomic_write(path: Path, write) -> None:
@@ -312,6 +352,20 @@ def atomic_write(path: Path, write) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def cached_arrays(path: Path, compute, what: str) -> dict[str, np.ndarray]:
+    """compute() -> a dict of numpy arrays, saved at `path` (.npz) the first time and loaded from it after (in about a
+    second for all of HH, without pickle). Written atomically: a crash or a second rank never leaves half a cache.
+    Its "summary" entry, a string, is printed on loading."""
+    if path.exists():
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = dict(npz)
+        print(f"{what}: loaded from {path}: {arrays.get('summary', '')}")
+        return arrays
+    arrays = compute()
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+    return arrays
 
 
 def read_jsonl(path: Path) -> list[dict]:

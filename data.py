@@ -22,24 +22,24 @@ response's first is " You": tokenizing prompt and response separately gives the 
 boundary between them is exact. Every response then gets an <|endoftext|> (EOT) so the model learns to stop.
 
 Reading order: download and parse HH (its quirks counted, one summary line), the synthetic task, tokenization with
-the reference code's truncation (eric-mitchell/direct-preference-optimization) and an .npz cache, batches
-(SFT and [chosen; rejected]), and a length-grouped, resumable epoch sampler.
+the reference code's truncation (eric-mitchell/direct-preference-optimization), batches (SFT and [chosen; rejected]).
+
+Machinery it leans on: common.py (the resumable download, a corrupt .gz fetched again, the .npz cache of the
+tokenized arrays) and batching.py (the length-grouped, resumable order of the batches, and the evaluation subset).
 """
 
 import dataclasses
-import difflib
-import gzip
 import hashlib
 import json
 import random
 import re
-import zlib
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import batching
 import common
 import model as gpt
 
@@ -58,44 +58,19 @@ QUIRKS = {  # counter key -> what we do about it; the summary line prints every 
 }
 
 
-def check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
-    if value not in choices:
-        close = difflib.get_close_matches(value, choices, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown {what} {value!r}{hint} (choose from {', '.join(choices)})")
-
-
 def hh_subsets(subsets: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
     """None -> all four; every name is checked before anything is downloaded."""
     subsets = tuple(subsets or HH_SUBSETS)
     for subset in subsets:
-        check_choice(subset, HH_SUBSETS, "HH subset")
+        common.check_choice(subset, HH_SUBSETS, "HH subset")
     return subsets
 
 
 def hh_file(subset: str, split: str) -> Path:
     """One HH file in the cache, downloaded on first use (resumable, retried, atomic: see common.download)."""
-    check_choice(split, SPLITS, "split")
+    common.check_choice(split, SPLITS, "split")
     url = common.hf_url(f"datasets/Anthropic/hh-rlhf/resolve/main/{subset}/{split}.jsonl.gz")
     return common.download(url, common.cache_dir() / "hh-rlhf" / subset / f"{split}.jsonl.gz")
-
-
-def read_hh_file(subset: str, split: str) -> tuple[Path, str]:
-    """One HH file's path and decompressed text. A corrupt or truncated .gz is deleted and downloaded once more."""
-    for attempt in range(2):
-        path = hh_file(subset, split)
-        try:
-            # Decompress all of it before parsing: gzip's CRC and end marker sit at the end of the file, so only
-            # then do we know it is whole, and a truncated file can never become a silently shorter dataset.
-            return path, gzip.decompress(path.read_bytes()).decode("utf-8")
-        except (gzip.BadGzipFile, EOFError, zlib.error, UnicodeDecodeError) as e:
-            path.unlink()
-            if attempt == 1:
-                raise RuntimeError(
-                    f"{path} is corrupt again after a fresh download ({type(e).__name__}: {e}); it was removed. "
-                    f"The server ({common.hf_url('')}) sends a bad file: check HF_ENDPOINT, or put a good copy at {path}"
-                ) from e
-            print(f"{path} is corrupt ({type(e).__name__}: {e}); removed it, downloading it again")
 
 
 def parse_hh(text: str, source: str, counts: Counter) -> list[dict]:
@@ -143,7 +118,7 @@ def load_hh(split: str, subsets: list[str] | tuple[str, ...] | None = None) -> l
     subsets = hh_subsets(subsets)
     pairs, counts = [], Counter()
     for subset in subsets:
-        path, text = read_hh_file(subset, split)
+        path, text = common.read_gzip(lambda: hh_file(subset, split))  # a corrupt file is fetched once more
         pairs += parse_hh(text, str(path), counts)
     quirks = ", ".join(f"{counts[key]} {what}" for key, what in QUIRKS.items())
     print(f"hh-rlhf {split} ({', '.join(subsets)}): {len(pairs)} pairs from {counts['records']} records; {quirks}")
@@ -214,7 +189,7 @@ def synthetic_reward(prompt: str, response: str) -> float:
 
 def synthetic_pairs(split: str, n: int | None = None, seed: int = 0) -> list[dict]:
     """n preference pairs (train: 4000, test: 500 by default); the same (split, n, seed) gives the same pairs."""
-    check_choice(split, SPLITS, "split")
+    common.check_choice(split, SPLITS, "split")
     n = {"train": 4000, "test": 500}[split] if n is None else n
     rng = random.Random(f"synthetic/{split}/{seed}")  # a string seed per split: test draws its own samples
     pairs = []
@@ -263,7 +238,7 @@ def tokenize_pairs(pairs: list[dict], max_length: int = 512, max_prompt_length: 
     to max_length - len(prompt) (the reference cuts to max_length - max_prompt_length, which wastes room when the
     prompt is short). truncation="drop" drops over-long pairs instead.
     """
-    check_choice(truncation, ("truncate", "drop"), "truncation")
+    common.check_choice(truncation, ("truncate", "drop"), "truncation")
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length < max_length so every response keeps a token; "
                          f"got max_prompt_length={max_prompt_length}, max_length={max_length}")
@@ -323,14 +298,8 @@ def tokenize_dataset(dataset: str, split: str, max_length: int = 512, max_prompt
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     name = re.sub(r"[^\w-]+", "_", dataset)  # "hh:helpful-base,harmless-base" -> "hh_helpful-base_harmless-base"
     path = common.cache_dir() / "tokenized" / f"{name}-{split}-{digest}.npz"
-    if path.exists():
-        with np.load(path, allow_pickle=False) as npz:
-            tok = dict(npz)
-        print(f"{dataset} {split}: loaded from {path}: {tok['summary']}")
-        return tok
-    tok = tokenize_pairs(load_pairs(dataset, split), max_length, max_prompt_length, truncation)
-    common.atomic_write(path, lambda f: np.savez(f, **tok))  # a crash or a second rank never leaves half a cache
-    return tok
+    return common.cached_arrays(path, lambda: tokenize_pairs(load_pairs(dataset, split), max_length,
+                                                              max_prompt_length, truncation), f"{dataset} {split}")
 
 
 def n_examples(tok: dict) -> int:
@@ -344,7 +313,7 @@ def example(tok: dict, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def example_lengths(tok: dict, kind: str) -> np.ndarray:
     """Tokens per example: "sft" = prompt + chosen, "pref" = prompt + the longer response (its padded length)."""
-    check_choice(kind, ("sft", "pref"), "length kind")
+    common.check_choice(kind, ("sft", "pref"), "length kind")
     prompt, chosen, rejected = (np.diff(tok[f"{part}_offsets"]) for part in PARTS)
     return prompt + (chosen if kind == "sft" else np.maximum(chosen, rejected))
 
@@ -365,15 +334,6 @@ def one_per_prompt(tok: dict) -> np.ndarray:
     tokens count as one (rare)."""
     last = {example(tok, i)[0].tobytes(): i for i in range(n_examples(tok))}  # later pairs overwrite earlier ones
     return np.sort(np.fromiter(last.values(), dtype=np.int64))
-
-
-def eval_subset(n: int, k: int, seed: int) -> np.ndarray:
-    """k of n held-out example indices, drawn at random and sorted; all n if k >= n; the same for the same seed.
-    Not the first k: HH's test split is read subset by subset (harmless-base first), so the first 256 pairs would
-    describe one subset only. sft.train evaluates these, and dpo.py precomputes reference log-probs for these only."""
-    if k >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -410,7 +370,7 @@ def pad_rows(rows: list[tuple[np.ndarray, np.ndarray]], loss_on_prompt: bool = F
 def sft_batch(tok: dict, indices, on: str = "response") -> dict[str, torch.Tensor]:
     """Rows prompt + chosen, loss on the response (B, T). on="all": prompt + chosen and prompt + rejected rows with
     loss on every real token (2B, T): plain language modelling, used to pretrain the demo's base model."""
-    check_choice(on, ("response", "all"), "sft_batch on")
+    common.check_choice(on, ("response", "all"), "sft_batch on")
     examples = [example(tok, i) for i in indices]
     if on == "response":
         return pad_rows([(prompt, chosen) for prompt, chosen, _ in examples])
@@ -423,45 +383,6 @@ def preference_batch(tok: dict, indices) -> dict[str, torch.Tensor]:
     examples = [example(tok, i) for i in indices]
     return pad_rows([(prompt, chosen) for prompt, chosen, _ in examples]
                     + [(prompt, rejected) for prompt, _, rejected in examples])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 5. The epoch sampler: a pure function of (seed, epoch)
-#
-# Random batches mix short and long examples, and every row is padded to the longest. Grouping similar lengths
-# cuts the padding while keeping the order random: shuffle, take chunks of GROUP_BATCHES batches, sort each chunk
-# by length, cut it into batches, shuffle the batch order. The training loop keeps only (epoch, step): resuming
-# skips the first `step` batches of the epoch, and rank r of W trains on batch[r::W] of each global batch
-# (rows sorted by length, so every rank gets similar lengths).
-
-GROUP_BATCHES = 64  # batches per sorted chunk: larger = less padding, less randomness in which rows meet
-
-
-def epoch_batches(lengths, batch_size: int, seed: int, epoch: int, group_by_length: bool = True,
-                  drop_last: bool = True) -> list[np.ndarray]:
-    """Index arrays of one epoch's batches; with drop_last=False every example appears exactly once."""
-    lengths = np.asarray(lengths)
-    if batch_size < 1 or len(lengths) == 0:
-        raise ValueError(f"need batch_size >= 1 and examples, got batch_size={batch_size}, {len(lengths)} examples")
-    rng = np.random.default_rng([seed, epoch])  # its own generator: global random state cannot change the order
-    order = rng.permutation(len(lengths))
-    if group_by_length:
-        chunk = batch_size * GROUP_BATCHES  # a multiple of batch_size, so no batch straddles two chunks
-        pieces = [order[s: s + chunk] for s in range(0, len(order), chunk)]
-        order = np.concatenate([piece[np.argsort(lengths[piece], kind="stable")] for piece in pieces])
-    batches = [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
-    if drop_last and len(batches[-1]) < batch_size:
-        batches.pop()
-    if group_by_length:  # else the sorted chunks would hand out short batches first
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-    return batches
-
-
-def padding_fraction(lengths, batches: list[np.ndarray]) -> float:
-    """Share of the padded batch area (rows x longest row) that is padding."""
-    lengths = np.asarray(lengths)
-    padded = sum(len(batch) * lengths[batch].max() for batch in batches)
-    return 1.0 - sum(lengths[batch].sum() for batch in batches) / padded
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -484,8 +405,8 @@ if __name__ == "__main__":
     lengths = example_lengths(tok, "pref")
     print(f"pair lengths (prompt + longer response): median {np.median(lengths):.0f}, max {lengths.max()}")
     for grouped in (False, True):
-        batches = epoch_batches(lengths, 64, seed=0, epoch=0, group_by_length=grouped)
-        print(f"padding at batch size 64, group_by_length={grouped}: {padding_fraction(lengths, batches):.1%}")
+        batches = batching.epoch_batches(lengths, 64, seed=0, epoch=0, group_by_length=grouped)
+        print(f"padding at batch size 64, group_by_length={grouped}: {batching.padding_fraction(lengths, batches):.1%}")
     enc = common.get_tokenizer()
     batch = preference_batch(tok, range(s.batch_size))
     for row, mask in enumerate(batch["loss_mask"]):

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import batching
 import common
 import data
 import parallel
@@ -198,7 +199,7 @@ def main(argv=None):
     reference.requires_grad_(False)
     # only the held-out pairs that sft.train evaluates (it then takes all of them): their reference log-probs,
     # not those of all ~8.5K HH test pairs
-    eval_data = data.select_examples(eval_data, data.eval_subset(data.n_examples(eval_data), s.n_eval, s.seed))
+    eval_data = data.select_examples(eval_data, batching.eval_subset(data.n_examples(eval_data), s.n_eval, s.seed))
     train_batch = lambda ids: data.preference_batch(train_data, ids)  # noqa: E731
     eval_batch = lambda ids: data.preference_batch(eval_data, ids)  # noqa: E731
     if s.reference == "precomputed":

@@ -8,20 +8,17 @@ The GPT-2 network (Radford et al. 2019), in the layout of nanoGPT:
     Block:  x = x + attn(ln_1(x))      causal multi-head self-attention (pre-LayerNorm)
             x = x + mlp(ln_2(x))       Linear(d, 4d) -> GELU(tanh) -> Linear(4d, d)
 
-Reading order: the layers, the KV cache and `GPT` (logits for every position, or for the few a loss needs), then
-`generate` (batched, left-padded, KV-cached sampling with temperature, top-k, top-p and stop strings), the
-safetensors format read and written by hand, the Hugging Face key map and checkpoints.
+Reading order: the layers, the KV cache, `GPT` (logits for every position, or for the few a loss needs) and its
+`generate` (batched, left-padded, KV-cached sampling), the safetensors format by hand, the Hugging Face key map.
 
-Machinery it leans on: common.py (downloads of the hub weights, device and dtype, the settings parser, atomic
-directory swaps). engine.py is the fast way to call `generate` (weights cast and packed once per call, the decode
-step compiled into a CUDA graph): judge.py samples through it, and its tests check it gives generate's tokens.
-data.py, sft.py, dpo.py, reward.py and judge.py import this file, never the reverse.
+Machinery it leans on: common.py (downloads, device and dtype, the settings parser, atomic directory swaps).
+engine.py is the fast way to call `generate` (weights cast and packed once per call, the decode step compiled):
+sampling.py samples through it, and tests/test_engine.py checks that it gives generate's tokens.
 """
 
 import dataclasses
 import json
 import math
-import shutil
 import struct
 import sys
 from pathlib import Path
@@ -106,9 +103,8 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """The keys and values of every layer at every position generated so far, allocated once for the whole call.
-    Without it each new token re-runs the whole sequence (O(S^2) work for S tokens); with it a step computes only
-    its new token's q, k, v and attends over the stored keys (O(S))."""
+    """The keys and values of every layer at every position so far, allocated once per generate call. Without it
+    each new token re-runs the whole sequence; with it a step computes only the new token's q, k, v (O(S), not S^2)."""
 
     def __init__(self, config: GPTConfig, batch: int, max_len: int, device, dtype):
         shape = (batch, config.n_head, max_len, config.n_embd // config.n_head)  # per layer (B, nh, S, hs)
@@ -153,8 +149,7 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str) -> "GPT":
-        """A hub preset ("gpt2" ... "gpt2-xl", downloaded), "tiny", a .safetensors file or a checkpoint directory:
-        see load_model in section 4."""
+        """A hub preset ("gpt2" ... "gpt2-xl", downloaded), "tiny", a .safetensors file or a directory: load_model."""
         return load_model(name_or_path)
 
     def num_params(self) -> int:
@@ -162,26 +157,21 @@ class GPT(nn.Module):
 
     def forward(self, idx, attention_mask=None, cache: KVCache | None = None, select=None, hidden: bool = False):
         """idx (B, T) token ids -> logits (B, T, V) for every position, or (N, V) for the N positions where the
-        bool mask `select` (B, T) is True: the vocabulary projection is the largest matmul of a small GPT-2
-        (and its (B, T, 50257) output the largest tensor), so training computes it only where a loss needs it.
-        hidden=True returns the final hidden states (after ln_f), (B, T, C) or (N, C), instead of logits: a
-        reward model puts its own head on them.
+        bool mask `select` (B, T) is True: the vocabulary projection is the largest matmul of a small GPT-2 (and its
+        (B, T, 50257) output the largest tensor), so training computes it only where a loss needs it. hidden=True
+        returns the final hidden states (after ln_f) instead: a reward model puts its own head on them.
 
         Training passes only idx (right-padded batches need no mask: causal attention never looks right).
-        Generation passes a KV cache, whose first `cache.pos` positions are filled and this call's T tokens go next,
-        and attention_mask (B, S), True at the real tokens of the left-padded rows, written so far or now, S being
-        the positions the cache returns to attention (see generate).
-        """
+        Generation passes a KV cache (its first `cache.pos` positions filled, this call's T tokens next) and
+        attention_mask (B, S), True at the real tokens of the left-padded rows among the S positions attended."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         where = torch.arange(T, device=idx.device)  # positions of these T tokens in the sequence (and the cache)
         if cache is not None:
             where = where + cache.pos
-        mask = None
-        if attention_mask is None:
-            pos = where  # (T,)
-        else:
+        mask, pos = None, where  # (T,): without a mask, every row's positions are the same
+        if attention_mask is not None:
             # Left padding shifts each row, so a row's positions count its real tokens: 0, 1, 2, ...
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0).index_select(1, where)  # (B, T)
             key = torch.arange(attention_mask.shape[1], device=idx.device)  # key positions (S,)
@@ -199,12 +189,11 @@ class GPT(nn.Module):
         return x if hidden else self.logits(x)  # (B, T, V) or (N, V)
 
     def logits(self, x):
-        """Final hidden states (..., C) -> logits (..., V), always in fp32, outside any autocast.
-
-        GPT-2's logits are large (tens to ~100 in magnitude), where bf16 can only represent steps of 0.25-0.5: bf16
-        logits put ~0.1 nat of error into every token's log-prob, a nat or more over a response, which beta = 0.1
-        turns into reward noise the size of DPO's early signal. Upcasting the hidden state and the weight keeps the
-        log-probs, and the softmax that samples, exact to fp32; `select=` limits the cost to the rows needed."""
+        """Final hidden states (..., C) -> logits (..., V), always in fp32, outside any autocast. GPT-2's logits are
+        large (tens to ~100), where bf16 can only represent steps of 0.25-0.5: bf16 logits put ~0.1 nat of error
+        into every token's log-prob, a nat or more over a response, which beta = 0.1 turns into reward noise the
+        size of DPO's early signal. An fp32 hidden state and weight keep the log-probs, and the softmax that
+        samples, exact to fp32; `select=` limits the cost to the rows needed."""
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(x.float(), self.lm_head.weight.float())
 
@@ -223,13 +212,11 @@ class GPT(nn.Module):
             [pad pad  p0  p1  p2 | n0 n1 ...]      attention_mask = [0 0 1 1 1 | 1 1 ...]
             [ p0  p1  p2  p3  p4 | n0 n1 ...]                       [1 1 1 1 1 | 1 1 ...]
 
-        The mask hides the padding and the positions restart at 0 on each row's first real token (forward), so a
-        row's output is the same as if it were generated alone. One pass over the prompts fills the KV cache
-        (prefill); then each step feeds one new token per row. A row ends at `eos_id` (not returned) or when its
-        text contains a stop string (cut before it), and leaves the batch. num_samples > 1 draws that many answers
-        per prompt (Best of N): the prefilled cache is copied to n rows, and prompt i's answers are rows i*n ...
-        i*n + n - 1. temperature 0 is greedy. cache_dtype: the cache's dtype (default: the compute dtype).
-        """
+        The mask hides the padding and positions restart at 0 on each row's first real token (forward), so a row
+        comes out as if generated alone. One pass over the prompts fills the KV cache (prefill), then each step
+        feeds one token per row. A row ends at `eos_id` (not returned) or at a stop string (cut off), and leaves
+        the batch. num_samples > 1 draws n answers per prompt (Best of N) from one prefill, copied: prompt i's are
+        rows i*n ... i*n + n - 1. temperature 0 is greedy. cache_dtype: default, the compute dtype."""
         self.eval()
         device = self.wte.weight.device
         if num_samples < 1:
@@ -266,8 +253,7 @@ class GPT(nn.Module):
 
 
 def left_pad(prompts: list[list[int]], length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id prompts -> idx (B, P), right-aligned (P = the longest prompt), and mask (B, length), True at each
-    row's prompt tokens; generate sets it True at each new token's column as it goes."""
+    """Token-id prompts -> idx (B, P), right-aligned (P: the longest), and mask (B, length), True at prompt tokens."""
     B, P = len(prompts), max(len(p) for p in prompts)
     idx = torch.zeros((B, P), dtype=torch.long, device=device)  # padding id is irrelevant: it is masked
     mask = torch.zeros((B, length), dtype=torch.bool, device=device)
@@ -301,8 +287,7 @@ def sample_next(logits, temperature: float, top_k: int | None, top_p: float | No
 
 def take_tokens(out: list[list[int]], rows: list, tokens: list[int], eos_id: int, stop: tuple[str, ...], decode):
     """A step's sampled token for each batch row j, appended to its answer out[rows[j]]. A row whose answer ends
-    (at eos_id, or at a stop string, which is cut off with what follows) gets None in `rows`, and so does a row
-    that had ended before (None already). Returns the batch rows still going."""
+    (at eos_id, or at a stop string, cut off with what follows) gets None in `rows`. Returns the rows still going."""
     for j, token in enumerate(tokens):
         i = rows[j]
         if i is None:
@@ -325,7 +310,6 @@ def cut_at_stop(tokens: list[int], stop: tuple[str, ...], decode) -> list[int]:
     while k and len(decode(tokens[:k])) > at:
         k -= 1
     return tokens[:k]
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -444,8 +428,7 @@ def load_model(name_or_path: str) -> GPT:
         if not path.exists():
             raise FileNotFoundError(f"no model at {path}: give a preset ({', '.join(PRESETS)}), a .safetensors "
                                     "file or a directory holding model.safetensors")
-    tensors, _ = read_safetensors(path)
-    sd = hf_to_ours(tensors, path)
+    sd = hf_to_ours(read_safetensors(path)[0], path)
     config = _config_from(path, sd) if name_or_path not in HUB_MODELS else PRESETS[name_or_path]
     model = GPT(config)
     expected = set(model.state_dict()) - {"lm_head.weight"}
@@ -462,15 +445,11 @@ def load_model(name_or_path: str) -> GPT:
 
 def save_model(model: GPT, directory: Path, meta: dict | None = None, state_dict: dict | None = None) -> None:
     """Write model.safetensors (hub layout) + config.json into `directory`, atomically. `state_dict`: the weights to
-    write instead of model.state_dict() (a sharded model's, gathered whole: see sft.full_state_dict)."""
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_safetensors(tmp / "model.safetensors", ours_to_hf(model, state_dict), {"format": "pt"})
-    config = {"model": dataclasses.asdict(model.config), "meta": meta or {}}
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    common.replace_dir(tmp, directory)
+    write instead of model.state_dict() (a sharded model's, gathered whole: see parallel.full_state_dict)."""
+    with common.new_dir(directory) as tmp:
+        write_safetensors(tmp / "model.safetensors", ours_to_hf(model, state_dict), {"format": "pt"})
+        config = {"model": dataclasses.asdict(model.config), "meta": meta or {}}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -110,12 +110,10 @@ class RewardModel(nn.Module):
         head in reward_head.safetensors beside it. Written aside and swapped in: never a trunk without its head.
         `state_dict`: whole weights to write instead of this module's (a sharded model's, gathered by sft.py)."""
         sd = self.state_dict() if state_dict is None else state_dict
-        directory = Path(directory)
-        tmp = directory.with_name(directory.name + ".rm")
         trunk = {k.removeprefix("gpt."): v for k, v in sd.items() if k.startswith("gpt.")}
-        gpt.save_model(self.gpt, tmp, meta=meta, state_dict=trunk)
-        gpt.write_safetensors(tmp / HEAD_FILE, {"head.weight": sd["head.weight"]}, {"format": "pt"})
-        common.replace_dir(tmp, directory)
+        with common.new_dir(directory, ".rm") as tmp:
+            gpt.save_model(self.gpt, tmp, meta=meta, state_dict=trunk)
+            gpt.write_safetensors(tmp / HEAD_FILE, {"head.weight": sd["head.weight"]}, {"format": "pt"})
 
     def load(self, directory: Path) -> dict:
         """The whole weights `save` wrote, keyed as this module's state_dict()."""

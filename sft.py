@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import batching
 import checkpoint
 import common
 import data
@@ -134,13 +135,10 @@ def make_optimizer(s: Settings, model, device):
 
 
 def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, lengths, stage: str):
-    """Train `model` with `loss_fn(model, batch) -> (per-example losses (B,), {metric: (B,)})`.
-
-    train_batch(indices) / eval_batch(indices) -> dict of tensors (input_ids, target_ids, loss_mask, ...) for
-    those training / held-out examples; a seeded random subset of min(n_eval, s.n_eval) of the n_eval held-out
-    examples (data.eval_subset) is evaluated, the same one at every evaluation.
-    `lengths` (one per training example) drive the length-grouped, seeded, resumable batch order of data.py.
-    """
+    """Train `model` with `loss_fn(model, batch) -> (per-example losses (B,), {metric: (B,)})`. train_batch(indices)
+    and eval_batch(indices) -> dict of tensors (input_ids, target_ids, loss_mask, ...) for those training / held-out
+    examples (n_eval of them; `evaluate` takes a seeded subset). `lengths`, one per training example, drive the
+    length-grouped, seeded, resumable batch order (batching.py)."""
     run = parallel.setup(s)
     master, out, settings = run.rank == 0, Path(s.out), common.settings_dict(s)
     if master:
@@ -154,17 +152,14 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
     step = checkpoint.resume(out, raw_model, optimizer, master) if s.resume else 0
     scaler = parallel.grad_scaler(s, run)  # fp16 only: scales the loss up, unscales the gradients before clipping
     model = parallel.wrap(torch.compile(raw_model) if s.compile else raw_model, s, run)  # DDP with several processes
-    epoch_order = functools.lru_cache(maxsize=1)(
-        lambda epoch: data.epoch_batches(lengths, s.batch_size, s.seed, epoch, s.group_by_length))
+    epoch_order = functools.lru_cache(maxsize=1)(  # the batches of an epoch, in order: (seed, epoch) decide them
+        lambda epoch: batching.epoch_batches(lengths, s.batch_size, s.seed, epoch, s.group_by_length))
     batches_per_epoch = len(epoch_order(0))
-    if batches_per_epoch == 0:
-        raise SystemExit(f"{len(lengths)} training examples make no batch of {s.batch_size}; lower --batch_size")
     total = s.max_steps or s.epochs * batches_per_epoch
 
-    def log(record):
+    def log(record):  # one line of metrics.jsonl, by rank 0
         if master:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            common.append_jsonl(out / "metrics.jsonl", [record])
 
     def log_eval():
         stats = evaluate(model, loss_fn, eval_batch, n_eval, s, run)
@@ -248,7 +243,7 @@ def evaluate(model, loss_fn, eval_batch, n_eval: int, s: Settings, run) -> dict[
     """Mean loss and metrics over the seeded held-out subset, each rank a share of it, summed over the ranks."""
     model.eval()
     sums, count = {}, torch.zeros((), device=run.device)
-    ids = data.eval_subset(n_eval, s.n_eval, s.seed).tolist()[run.rank :: run.world]  # a seeded subset
+    ids = batching.eval_subset(n_eval, s.n_eval, s.seed).tolist()[run.rank :: run.world]  # a seeded subset
     with torch.no_grad():
         for chunk in parallel.eval_chunks(ids, s.micro_batch_size, min(s.n_eval, n_eval), run, s.fsdp):
             with common.autocast(run.device, run.dtype):

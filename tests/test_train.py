@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+import batching
 import bench
 import common
 import data
@@ -347,7 +348,7 @@ def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, gradients, loss
     for step in (0, 1):
         # the oracle: one plain backward of the mean loss over this step's global batch, from this step's weights
         m = small_model() if step == 0 else model.load_model(str(tmp_path / "micro8" / "step_000001"))
-        losses, _ = loss_fn(m, batch_fn(data.epoch_batches(lengths, s.batch_size, s.seed, 0)[step]))
+        losses, _ = loss_fn(m, batch_fn(batching.epoch_batches(lengths, s.batch_size, s.seed, 0)[step]))
         losses.mean().backward()
         direct = {name: p.grad for name, p in m.named_parameters()}
         for what, got, want in ((f"step {step + 1}: 4 x 2 vs 1 x 8", gradients[step], gradients[2 + step]),
@@ -516,10 +517,10 @@ def test_evaluation_uses_the_same_seeded_subset_of_the_whole_split(tmp_path):
     s = settings(out=str(tmp_path), n_eval=8, eval_every=1, max_steps=2, micro_batch_size=8)
     sft.train(s, small_model(), sft.sft_loss, lambda ids: data.sft_batch(tok, ids), spy_batches(tok, evaluated), 32,
               data.example_lengths(tok, "sft"), "sft")
-    want = data.eval_subset(32, 8, s.seed).tolist()
+    want = batching.eval_subset(32, 8, s.seed).tolist()
     assert evaluated == [want] * 3, f"evaluated {evaluated} at steps 0, 1, 2; want {want} each time"
     assert want != list(range(8)) and max(want) >= 16, f"subset {want} is not spread over the 32 held-out pairs"
-    assert data.eval_subset(32, 8, 1).tolist() != want and data.eval_subset(5, 8, 0).tolist() == list(range(5))
+    assert batching.eval_subset(32, 8, 1).tolist() != want and batching.eval_subset(5, 8, 0).tolist() == list(range(5))
 
 
 def test_dpo_precomputes_reference_logps_only_for_the_evaluated_rows(tmp_path, cache, monkeypatch):
@@ -540,12 +541,12 @@ def test_dpo_precomputes_reference_logps_only_for_the_evaluated_rows(tmp_path, c
 @pytest.mark.parametrize("group_by_length", [True, False])
 def test_group_by_length_switch_sets_the_batch_order(tmp_path, group_by_length):
     """Catches --group_by_length not reaching the sampler (the reference code's random batches could then not be
-    reproduced): the training batches must be exactly data.epoch_batches' with that flag."""
+    reproduced): the training batches must be exactly batching.epoch_batches' with that flag."""
     tok, trained = category_pairs(32), []
     s = settings(out=str(tmp_path), max_steps=3, micro_batch_size=8, group_by_length=group_by_length)
     lengths = data.example_lengths(tok, "sft")
     sft.train(s, small_model(), sft.sft_loss, spy_batches(tok, trained), None, 32, lengths, "sft")
-    want = [b.tolist() for b in data.epoch_batches(lengths, 8, s.seed, 0, group_by_length=group_by_length)[:3]]
+    want = [b.tolist() for b in batching.epoch_batches(lengths, 8, s.seed, 0, group_by_length=group_by_length)[:3]]
     assert trained == want, f"group_by_length={group_by_length}: trained on {trained}, want {want}"
 
 
