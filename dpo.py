@@ -23,6 +23,9 @@ The step is fused (as in the reference code): chosen and rejected are stacked in
 one forward pass gives both log-probs. The reference log-probs never change, so by default they are computed
 once before training and cached; the reference model is then freed (a third less compute, half the weights).
 The training loop is sft.py's; only the loss differs.
+
+Machinery it leans on: parallel.py (the reference pass split over the processes, its table assembled with one
+all_reduce) and common.py (the on-disk cache of the reference log-probs, autocast).
 """
 
 import copy

@@ -25,6 +25,9 @@ sft.py's loop; chosen and rejected go through one concatenated forward pass, as 
 
 Reading order: the model (where its reward is read; saved as the trunk in the hub layout and the head beside it),
 the Bradley-Terry loss, the scorers judge.py uses (reward model, DPO implicit reward, likelihood), `main`.
+
+Machinery it leans on: sft.py's loop and, through it, checkpoint.py (which saves and resumes this model through its
+`save` and `load`); common.py for the atomic directory swap that keeps the trunk and its head together.
 """
 
 import dataclasses

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import engine
+import model
 from model import GPT
 from test_model import SMALL, greedy_without_cache, small_with_biases
 
@@ -80,3 +81,20 @@ def test_generate_with_bf16_weights_samples_from_fp32_logits():
         for p, got in zip(prompts, generate(prompts, 8, temperature=0, eos_id=-1)):
             assert got == greedy_without_cache(m, p, 8), (got, greedy_without_cache(m, p, 8))
     assert m.lm_head.weight.dtype == torch.bfloat16  # the fp32 copy is the call's own, not a change to the model
+
+
+def test_the_cpu_cache_is_fp32_and_the_body_runs_in_the_autocast_dtype(monkeypatch):
+    """The speed choices engine.generate makes, wired as its docstring says: under bf16 autocast on CPU the weights
+    are prepared in bf16 (not left in fp32, which autocast would cast again at every product), the head in fp32, and
+    the KV cache is fp32 (attention over one query per row is ~3x faster there). Catches a swapped cache dtype and
+    weights prepared in the wrong dtype, which give the same tokens and so pass the tests above."""
+    m = small_with_biases()
+    dtypes = []
+    init = model.KVCache.__init__
+    monkeypatch.setattr(model.KVCache, "__init__", lambda self, *a: dtypes.append(a[-1]) or init(self, *a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        engine.generate(m, PROMPTS, 4)
+        with engine.prepared(m, torch.bfloat16, rows=3) as weights:
+            body, head = weights[0], weights[-1]
+    assert dtypes == [torch.float32], dtypes
+    assert body.dtype == torch.bfloat16 and head.dtype == torch.float32, (body.dtype, head.dtype)

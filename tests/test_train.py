@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ import bench
 import common
 import data
 import dpo
+import engine
 import model
 import sft
 
@@ -196,18 +198,19 @@ def test_log_probs_under_bf16_autocast_match_fp32_at_gpt2_logit_sizes(cache):
     err = np.abs(tables["bfloat16"] - tables["float32"])
     assert err.max() <= 0.05, f"reference log-probs, bf16 vs fp32: errors {err.tolist()}, max {err.max()}"
 
-    seen = []
     sample_next = model.sample_next
-    spy = lambda logits, *a, **k: seen.append(logits) or sample_next(logits, *a, **k)  # noqa: E731
     prompt = tok["prompt_ids"][: tok["prompt_offsets"][1]].tolist()
-    for autocast in (torch.autocast("cpu", enabled=False), torch.autocast("cpu", dtype=torch.bfloat16)):
-        with autocast, pytest.MonkeyPatch.context() as mp:
-            mp.setattr(model, "sample_next", spy)
-            m.generate([prompt], 1, temperature=1.0)
-    fp32, bf16 = seen
-    assert bf16.dtype == torch.float32, f"sampling draws from {bf16.dtype} logits"
-    err = (bf16 - fp32).abs().max().item()
-    assert err <= 0.05, f"sampling logits, bf16 vs fp32: max abs diff {err}"
+    for name, generate in (("model.generate", m.generate), ("engine.generate", partial(engine.generate, m))):
+        seen = []
+        spy = lambda logits, *a, **k: seen.append(logits) or sample_next(logits, *a, **k)  # noqa: E731
+        for autocast in (torch.autocast("cpu", enabled=False), torch.autocast("cpu", dtype=torch.bfloat16)):
+            with autocast, pytest.MonkeyPatch.context() as mp:
+                mp.setattr(model, "sample_next", spy)
+                generate([prompt], 1, temperature=1.0)
+        fp32, bf16 = seen
+        assert bf16.dtype == torch.float32, f"{name} samples from {bf16.dtype} logits"
+        err = (bf16 - fp32).abs().max().item()
+        assert err <= 0.05, f"{name}'s sampling logits, bf16 vs fp32: max abs diff {err}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
