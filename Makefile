@@ -17,6 +17,7 @@ N_EVAL  ?= 0#                        evaluation prompts per temperature (0 = eve
 DEMO    ?= runs/demo#                where `make demo` writes
 BEST_OF ?= 128#                      Best of N in `make eval` (when a reward model exists): answers per prompt (paper: 128)
 BEST_OF_PROMPTS ?= 256#              evaluation prompts Best of N runs on: it samples N x as many answers as a model
+CHAT    ?= dpo:$(RUN_DIR)/dpo/final# the models `make chat` talks to, name:checkpoint,... (e.g. add sft:$(RUN_DIR)/sft/final)
 
 PY     := .venv/bin/python
 # torchrun when there is more than one process or FSDP asks for it: on one machine a private rendezvous
@@ -25,7 +26,7 @@ NODES  := $(if $(filter-out 1,$(NNODES)),--nnodes=$(NNODES) --node_rank=$(NODE_R
 LAUNCH := $(if $(filter-out 1,$(NGPU))$(filter-out 1,$(NNODES))$(filter true,$(FSDP)),$(PY) -m torch.distributed.run $(NODES) --nproc_per_node=$(NGPU),$(PY))
 TRAIN  := --fsdp=$(FSDP) --offload=$(OFFLOAD) $(TRAIN_ARGS)
 
-.PHONY: help setup test demo data sft dpo reward eval figures all bench memory gpu-check clean
+.PHONY: help setup test demo data sft dpo reward eval figures chat all bench memory gpu-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -91,6 +92,9 @@ eval: ## sample at 4 temperatures, judge with gpt-4o-mini vs the chosen response
 
 figures: ## Figure 3 (win rate vs temperature, vs DPO step, vs model size), training curves, answer length
 	$(PY) plot.py --out=$(RUN_DIR)/eval --runs=$(RUN_DIR)/sft,$(RUN_DIR)/dpo
+
+chat: ## talk to what you trained, several models side by side: make chat RUN_DIR=runs/demo CHAT=sft:...,dpo:...
+	$(PY) chat.py --models=$(CHAT)
 
 all: sft dpo reward eval figures ## the full GPU replication for MODEL, stage by stage
 

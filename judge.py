@@ -306,7 +306,9 @@ def score(judgments: list[dict], seed: int = 0) -> list[dict]:
     """One row per (model, step, temperature). The win rate counts valid verdicts only: an invalid one says
     nothing about which answer is better, so it is left out of the denominator but reported in `invalid`.
     Lengths are GPT-2 tokens, averaged over all answers: the model's (response_tokens) and the chosen ones it was
-    compared with (chosen_tokens); lc_win_rate is length_controlled_win_rate over the valid verdicts."""
+    compared with (chosen_tokens); lc_win_rate is length_controlled_win_rate over the valid verdicts. `ties`: the
+    comparisons the ground-truth judge settled by its coin (equal true rewards; 0 for an LLM judge, which must answer
+    A or B), counted among the wins and losses as the coin fell."""
     enc, tokens = common.get_tokenizer(), {}
     count = lambda text: tokens.setdefault(text, len(enc.encode_ordinary(text)))  # noqa: E731  (chosen ones repeat)
     groups = {}
@@ -323,6 +325,7 @@ def score(judgments: list[dict], seed: int = 0) -> list[dict]:
             [j["prompt"] for j in valid], seed=seed)
         rows.append({"model": name, "step": step, "temperature": t, "n": len(outcomes), "wins": wins,
                      "losses": losses, "invalid": outcomes.count("invalid"),
+                     "ties": sum(bool(j.get("tie")) for j in group),
                      "win_rate": wins / (wins + losses) if wins + losses else None, "ci_low": lo, "ci_high": hi,
                      "lc_win_rate": lc[0], "lc_ci_low": lc[1], "lc_ci_high": lc[2],
                      "response_tokens": float(np.mean([count(j["response"]) for j in group])),
@@ -407,6 +410,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
              "length difference (model minus chosen, in tokens) predicts at equal length; 95% CI: bootstrap over "
              "prompts. Tokens: mean GPT-2 tokens of the model's answers / of the chosen answers. Answers to read: "
              "samples.md."]
+    if s.judge == "groundtruth":
+        notes.append("Ties: comparisons whose two answers earn the same true reward; a coin seeded by the comparison "
+                     "decides them, as a judge forced to answer A or B would, so about half of them count as wins.")
     notes += [""] + accuracy if accuracy else []
     if swapped:
         notes.append(report.swap_summary(list(zip([judgments[i] for i in picked], judgments[len(comparisons) :]))))

@@ -204,7 +204,7 @@ class GPT(nn.Module):
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_id: int = EOT,
                  stop: tuple[str, ...] = (), decode=None, generator: torch.Generator | None = None,
-                 num_samples: int = 1, cache_dtype: torch.dtype | None = None) -> list[list[int]]:
+                 num_samples: int = 1, cache_dtype: torch.dtype | None = None, stream=None) -> list[list[int]]:
         """Sample continuations of a batch of token-id prompts; returns only the new tokens of each.
 
         Prompts of different lengths are LEFT-padded so that every row's next token sits in the same column:
@@ -216,7 +216,8 @@ class GPT(nn.Module):
         comes out as if generated alone. One pass over the prompts fills the KV cache (prefill), then each step
         feeds one token per row. A row ends at `eos_id` (not returned) or at a stop string (cut off), and leaves
         the batch. num_samples > 1 draws n answers per prompt (Best of N) from one prefill, copied: prompt i's are
-        rows i*n ... i*n + n - 1. temperature 0 is greedy. cache_dtype: default, the compute dtype."""
+        rows i*n ... i*n + n - 1. temperature 0 is greedy. cache_dtype: default, the compute dtype. stream(answers),
+        if given, sees the answers so far after every step (chat.py prints them as they come)."""
         self.eval()
         device = self.wte.weight.device
         if num_samples < 1:
@@ -241,6 +242,8 @@ class GPT(nn.Module):
             u = 1.0 - torch.rand((B, 1), generator=generator, device=device)  # (0, 1]
             nxt = sample_next(logits, temperature, top_k, top_p, u=u[rows])  # (b,) for the b rows
             live = take_tokens(out, rows, nxt.tolist(), eos_id, stop, decode)
+            if stream is not None:
+                stream(out)
             if not live or t == max_new_tokens - 1:
                 break
             if len(live) < len(rows):  # drop ended rows: answers vary in length, the batch need not wait
@@ -305,8 +308,7 @@ def take_tokens(out: list[list[int]], rows: list, tokens: list[int], eos_id: int
 def cut_at_stop(tokens: list[int], stop: tuple[str, ...], decode) -> list[int]:
     """Drop the stop string and what follows; tokens are cut at the last boundary before the stop text."""
     text = decode(tokens)
-    at = min(text.find(s) for s in stop if s in text)
-    k = len(tokens)
+    at, k = min(text.find(s) for s in stop if s in text), len(tokens)
     while k and len(decode(tokens[:k])) > at:
         k -= 1
     return tokens[:k]
@@ -450,9 +452,6 @@ def save_model(model: GPT, directory: Path, meta: dict | None = None, state_dict
         write_safetensors(tmp / "model.safetensors", ours_to_hf(model, state_dict), {"format": "pt"})
         config = {"model": dataclasses.asdict(model.config), "meta": meta or {}}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-
-
-# ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass

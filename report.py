@@ -15,13 +15,13 @@ from pathlib import Path
 def write_results(rows: list[dict], out: Path, notes: list[str]) -> None:
     """results.jsonl for plot.py, results.md for the README."""
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    table = ["| model | step | temperature | n | wins | losses | invalid | win rate | 95% CI | LC win rate | LC 95% CI "
-             "| tokens: model / chosen |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|"]
+    table = ["| model | step | temperature | n | wins | losses | invalid | ties (coin) | win rate | 95% CI | LC win rate "
+             "| LC 95% CI | tokens: model / chosen |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|"]
     for r in rows:
         rate, lc = ("n/a" if r[k] is None else f"{r[k]:.1%}" for k in ("win_rate", "lc_win_rate"))
         lc_ci = "n/a" if r["lc_win_rate"] is None else f"{r['lc_ci_low']:.1%} – {r['lc_ci_high']:.1%}"
         table.append(f"| {r['model']} | {'' if r['step'] is None else r['step']} | {r['temperature']} | {r['n']} "
-                     f"| {r['wins']} | {r['losses']} | {r['invalid']} | {rate} "
+                     f"| {r['wins']} | {r['losses']} | {r['invalid']} | {r['ties']} | {rate} "
                      f"| {r['ci_low']:.1%} – {r['ci_high']:.1%} | {lc} | {lc_ci} "
                      f"| {r['response_tokens']:.1f} / {r['chosen_tokens']:.1f} |")
     (out / "results.md").write_text("\n".join(table + [""] + notes) + "\n")
@@ -83,8 +83,9 @@ def write_samples(rows: list[dict], temperature: float, seed: int, show: int, ou
                   + " | ".join(cell(answers[n]["response"]) if n in answers else "" for n in names) + " |"]
         if any("outcome" in j for j in answers.values()):
             def verdict(j):
-                if "reward_model" in j:  # the ground-truth judge: the true rewards decided
-                    return f"{j['outcome']} (reward {j['reward_model']:g} vs {j['reward_chosen']:g})"
+                if "reward_model" in j:  # the ground-truth judge: the true rewards decided, or on a tie its coin
+                    rewards = f"{j['reward_model']:g} vs {j['reward_chosen']:g}"
+                    return f"{j['outcome']} (tie {rewards}, coin)" if j.get("tie") else f"{j['outcome']} (reward {rewards})"
                 return j["outcome"]
             lines.append("| verdict | | " + " | ".join(verdict(answers[n]) if n in answers else "" for n in names) + " |")
         if any("content" in j for j in answers.values()):

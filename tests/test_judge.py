@@ -263,6 +263,41 @@ def test_groundtruth_judge_gives_one_answer_the_same_outcome_in_both_positions(t
                                                                 tmp_path)], "cached outcomes differ"
 
 
+def test_ties_are_a_fair_coin_fixed_per_comparison_and_counted(tmp_path):
+    """The ground-truth judge settles equal true rewards with a coin seeded by the comparison. Catches every tie
+    made a win (`r_model >= r_chosen`), or a loss, which would move each demo win rate by half its tie share; a coin
+    that stops depending on the comparison (one outcome for all ties); a coin that changes between runs (a cached
+    verdict would then disagree with a fresh one); ties not counted in results.md, or not labelled in samples.md."""
+    prompt = f"{data.HUMAN} Can you name a fruit?{data.ASSISTANT}"
+    tied = [{**comparison(i, f" A tool is {tool}.{' Maybe.' * k}", "AB"[i % 2]), "prompt": prompt,
+             "chosen": f" A color is red.{' Maybe.' * k}"}
+            for i, (tool, k) in enumerate((t, k) for t in data.CATEGORIES["tool"] for k in range(4))]
+    tied += [{**c, "response": c["response"] + " Good question.", "chosen": c["chosen"] + " Let me think."}
+             for c in tied]  # 48 distinct tied comparisons: reward 0 - 0.5 k (- 0.5) on both sides
+    assert all(data.synthetic_reward(c["prompt"], c["response"]) == data.synthetic_reward(c["prompt"], c["chosen"])
+               for c in tied)
+    many = [{**c, "prompt": c["prompt"].replace("fruit", f"fruit ({n})")} for n in range(10) for c in tied]
+    verdicts = [judge.groundtruth_judgment(c, seed=0) for c in many]
+    wins = [v["verdict"] == c["position"] for v, c in zip(verdicts, many)]
+    assert all(v["tie"] for v in verdicts)
+    assert 0.4 < sum(wins) / len(wins) < 0.6, f"{sum(wins)} of {len(wins)} ties won: the coin is not fair"
+    assert wins == [judge.groundtruth_judgment(c, seed=0)["verdict"] == c["position"] for c in many], "coin not fixed"
+    other = [judge.groundtruth_judgment(c, seed=1)["verdict"] == c["position"] for c in many]
+    assert 0.3 < sum(a != b for a, b in zip(wins, other)) / len(wins) < 0.7, "the coin ignores the seed"
+
+    distinct = [{**c, "prompt": prompt.replace("fruit", f"fruit ({i})")} for i, c in enumerate(tied[:40])]
+    won = {**comparison(0, " A fruit is apple.", "A"), "prompt": prompt, "chosen": " A tool is saw."}
+    judgments = judge.judge_all(distinct + [won], judge.Settings(judge="groundtruth"), tmp_path)
+    (row,) = judge.score(judgments)
+    assert (row["n"], row["ties"]) == (41, 40), row
+    report.write_results([row], tmp_path, [])
+    assert "| ties (coin) |" in (tmp_path / "results.md").read_text()
+    report.write_samples(judgments, 0.5, 0, 41, tmp_path, judge.query_text)
+    text = (tmp_path / "samples.md").read_text()
+    labels = [f"{j['outcome']} (tie {j['reward_model']:g} vs {j['reward_chosen']:g}, coin)" for j in judgments[:40]]
+    assert all(label in text for label in labels) and "win (reward 2 vs 0)" in text, text[-600:]
+
+
 def test_clean_response_cuts_only_the_next_turn():
     """Catches: an answer that runs into the user's next turn, a half-written "\\n\\nHuman" left at the end,
     and stripping of other whitespace (which would change what the judge reads)."""
