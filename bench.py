@@ -4,6 +4,7 @@
     python bench.py --model=gpt2-medium --batch=16  # any preset; random weights, since speed does not depend on them
     python bench.py --memory=true --world=8         # per-GPU memory of each GPT-2 size: DDP vs FSDP vs FSDP + offload
     python bench.py --peer_only=true                # section 8 alone: gpt2 against its limits, TRL, transformers
+    python bench.py --head=true                     # section 9 alone: the vocabulary head's memory and GPU share
     torchrun --standalone --nproc_per_node=2 bench.py --memory=true   # ... and the state measured on real shards
 
 Each measurement runs ours and the alternative in the same process, interleaved (A B, B A, A B, ...), and reports
@@ -25,7 +26,10 @@ bench warns when the load average says so).
   7. fp32 head   SFT and DPO steps with the vocabulary projection in fp32 (ours: exact log-probs) vs in bf16/fp16
   8. limits      gpt2 (124M) in bf16 (where native) and fp32: each decode step against the bytes it must read at the
                  measured memory bandwidth, vs transformers.generate; a DPO optimizer step (1 pair x 256 tokens,
-                 precomputed reference, RMSprop) by part, against its floor, vs TRL's DPOTrainer (pip install -e '.[bench]')
+                 precomputed reference, RMSprop) by part, against its floor, vs TRL's DPOTrainer (pip install -e '.[bench]'),
+                 and vs ours with the plain head (all logits at once, before head.py), timed side by side
+  9. head        (--head=true, instead of the others) peak memory of a gpt2 DPO step (4 pairs x 512 tokens) with the
+                 plain head and with head.py's, each in a fresh process; the head's share of a GPU step, estimated
 
 MFU (model FLOPs utilisation; Chowdhery et al. 2022, arXiv:2204.02311, App. B) = 6 N tokens / time / peak, N the
 parameters, embedding included; a live reference adds its forward, 2 N tokens. The numerator is the same for ours
@@ -41,7 +45,10 @@ import dataclasses
 import io
 import math
 import os
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -49,6 +56,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import batching
@@ -56,6 +64,7 @@ import common
 import data
 import dpo
 import engine
+import head
 import model as gpt
 import parallel
 import sft
@@ -86,6 +95,8 @@ class Settings:
     seed: int = 0  # weights and inputs
     memory: bool = False  # print the memory table (section 6) instead of timing
     world: int = 8  # GPUs that FSDP shards over in the memory table
+    head: bool = False  # section 9 alone: the vocabulary head's peak memory, plain vs head.py, and its GPU share
+    head_step: str = ""  # internal (section 9): one DPO step with the plain or chunked head in this fresh process
 
 
 SMALL = gpt.GPTConfig(n_layer=6, n_head=6, n_embd=384)  # GPT-2's vocabulary, 30M parameters (19M of them wte)
@@ -196,9 +207,10 @@ class Theirs(torch.nn.Module):
         super().__init__()
         self.hf = hf
 
-    def forward(self, idx, select=None):
+    def forward(self, idx, select=None, targets=None):
         logits = self.hf(idx, use_cache=False).logits  # no KV cache in training: it would only cost time
-        return logits if select is None else logits[select]
+        logits = logits if select is None else logits[select]
+        return logits if targets is None else -F.cross_entropy(logits.float(), targets, reduction="none")
 
 
 def to_transformers(model: gpt.GPT, device) -> Theirs:
@@ -357,14 +369,25 @@ def bench_dpo(model, batch, device, dtype, peak, repeats) -> list[str]:
 
 
 @contextlib.contextmanager
-def low_precision_head(model):
-    """The vocabulary projection in the autocast dtype (rounded logits: what transformers and TRL compute) instead
-    of GPT.logits' fp32. An instance attribute shadows the method GPT.forward calls."""
-    model.logits = lambda x: model.lm_head(x)
+def head_swapped(fn):
+    """GPT.forward's training head, head.response_logprobs(hidden, weight, targets), replaced by fn for the block."""
+    original = head.response_logprobs
+    head.response_logprobs = fn
     try:
         yield
     finally:
-        model.__dict__.pop("logits")
+        head.response_logprobs = original
+
+
+def plain_head(hidden, weight, targets):
+    """The head before head.py: all N rows of fp32 logits at once and autograd's log-softmax, three (N, V) tensors."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return -F.cross_entropy(F.linear(hidden.float(), weight.float()), targets, reduction="none")
+
+
+def low_precision_head(hidden, weight, targets):
+    """The projection in the autocast dtype (rounded logits: what transformers and TRL compute), then fp32."""
+    return -F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="none")
 
 
 def bench_fp32_head(model, batch, device, dtype, peak, repeats) -> list[str]:
@@ -379,7 +402,7 @@ def bench_fp32_head(model, batch, device, dtype, peak, repeats) -> list[str]:
 
     def with_head(step, low_head: bool):
         def call():
-            with low_precision_head(model) if low_head else contextlib.nullcontext():
+            with head_swapped(low_precision_head) if low_head else contextlib.nullcontext():
                 step()
         return call
 
@@ -492,7 +515,7 @@ def working_bytes(model, mode: str, grad_checkpoint: bool, accumulate: bool) -> 
     per_token = 38 * c.n_embd
     # --grad_checkpoint keeps only each block's fp32 input, and recomputes one block at a time in backward
     acts = tokens * (4 * c.n_embd * c.n_layer + per_token if grad_checkpoint else per_token * c.n_layer)
-    logits = 3 * 4 * tokens // 2 * c.vocab_size  # fp32 logits, log-softmax and its gradient, at half the positions
+    logits = 2 * 4 * head.CHUNK_ROWS * c.vocab_size  # head.py: at most two chunks of fp32 logits at a time
     if mode == "ddp":  # autocast's bf16 copy of every block weight, saved for backward; DDP's fp32 gradient buckets
         copies = 2 * blocks + 4 * P
     elif accumulate:  # FSDP between micro-batches: bf16 blocks and the fp32 root stay gathered, gradients whole
@@ -544,6 +567,71 @@ def measure_state(device, dtype) -> None:
     if torch.distributed.get_rank() == 0:
         table(f"6. state per rank, small model ({shapes.num_params() / 1e6:.0f}M) on {world} processes: measured on the "
               "real tensors / computed from shapes, MiB", ["", "params", "grads", "optimizer (RMSprop)"], rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 9. The vocabulary head (head.py): peak memory measured, its share of a GPU step estimated
+
+GPU_PEAKS = {"A100": (312e12, 19.5e12), "H100": (989e12, 67e12)}  # dense bf16 and fp32 (TF32 off) FLOP/s, datasheets
+
+
+def head_step(s) -> None:
+    """One DPO optimizer step of gpt2 (random weights), micro-batch 4 pairs x 512 tokens, half of them response (2,048
+    head rows), reference log-probs given, RMSprop, with the s.head_step head ("plain" or "chunked"), in this fresh
+    process; prints the peak: RSS on CPU (the process's high-water mark), the allocator's peak on CUDA."""
+    device, dtype, _ = common.pick_device(s.device, s.dtype)
+    torch.manual_seed(s.seed)
+    model = build_model("gpt2").to(device).train()
+    batch = make_batch(8, 512, model.config.vocab_size, device, seed=3, pairs=True)
+    batch |= {"reference_chosen_logps": torch.zeros(4, device=device), "reference_rejected_logps": torch.zeros(4, device=device)}
+    optimizer = sft.make_optimizer(dpo.Settings(), model, device)
+    with head_swapped(plain_head) if s.head_step == "plain" else contextlib.nullcontext():
+        with common.autocast(device, dtype):
+            losses, _ = dpo.make_loss(dpo.Settings())(model, batch)
+        losses.sum().backward()
+    optimizer.step()
+    cuda = device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"head_step {s.head_step} peak_bytes {peak}")
+
+
+def head_shares() -> list[list]:
+    """The head's share of a bf16 DPO step on each GPU, on paper: every matmul at its dtype's datasheet peak, half the
+    tokens response. Per response token the head costs 2 V C FLOPs per product: 3 fp32 products before head.py
+    (forward, two in backward); with head.py, the recomputation adds one (4 fp32) or, split, 3 + 3 + 2 bf16 ones."""
+    rows = []
+    for name in gpt.HUB_MODELS:
+        with torch.device("meta"):
+            model = gpt.GPT(gpt.PRESETS[name])
+        c = model.config
+        body, vc = 6 * (model.num_params() - c.vocab_size * c.n_embd), 2 * c.vocab_size * c.n_embd  # per token
+        cells = []
+        for bf16, fp32 in GPU_PEAKS.values():
+            t = {"fp32": 0.5 * 3 * vc / fp32, "chunked": 0.5 * 4 * vc / fp32, "split": 0.5 * 8 * vc / bf16}
+            base = body / bf16
+            cells += [f"{t[k] / (base + t[k]):.0%}" for k in t] + [f"{(base + t['fp32']) / (base + t['split']):.2f}x"]
+        rows.append([name] + cells)
+    return rows
+
+
+def bench_head(s) -> None:
+    device, _, reason = common.pick_device(s.device, s.dtype)
+    peaks = {}
+    for kind in ("plain", "chunked"):  # each in a fresh process: a high-water mark only rises
+        run = subprocess.run([sys.executable, __file__, f"--head_step={kind}", f"--device={s.device}",
+                              f"--dtype={s.dtype}"], capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, f"head step ({kind}) failed:\n{run.stdout[-1500:]}\n{run.stderr[-1500:]}"
+        peaks[kind] = int(run.stdout.split("peak_bytes ")[1].split()[0])
+    logits = 4 * 2048 * gpt.PRESETS["gpt2"].vocab_size
+    what = "peak RSS of the process" if device.type == "cpu" else "torch.cuda.max_memory_allocated"
+    table(f"9. one gpt2 DPO step, 4 pairs x 512 tokens (2,048 head rows), {reason}: {what}, each in a fresh process",
+          ["head", "peak GiB"], [[k, f"{v / 2**30:.2f}"] for k, v in peaks.items()])
+    print(f"  head.py saves {(peaks['plain'] - peaks['chunked']) / 2**30:.2f} GiB; one (2048, 50257) fp32 tensor is "
+          f"{logits / 2**30:.2f} GiB, the plain head's three {3 * logits / 2**30:.2f} GiB")
+    table("9. the head's share of a bf16 DPO step, AN ESTIMATE from datasheet peaks (no GPU measured it): fp32 before "
+          "head.py, fp32 chunked, split bf16; and the step's speed-up from split bf16",
+          ["model"] + [f"{gpu} {k}" for gpu in GPU_PEAKS for k in ("fp32", "chunked", "split", "speed-up")],
+          head_shares())
 
 
 def bench_memory(s) -> None:
@@ -712,11 +800,16 @@ def bench_dpo_peer(model, device, dtype, peak, bandwidth, repeats, T=256) -> tup
             parts[part].append(t1 - t0)
 
     def ours_low_head():  # like for like with TRL, which projects onto the vocabulary in bf16 (rounded logits)
-        with low_precision_head(policy):
+        with head_swapped(low_precision_head):
+            ours(parts={part: [] for part in parts})
+
+    def ours_plain_head():  # before head.py: the same exact fp32 log-probs, all rows of logits at once
+        with head_swapped(plain_head):
             ours(parts={part: [] for part in parts})
 
     name = str(dtype).removeprefix("torch.")
-    fns = {"ours": ours} | ({f"ours, {name} head": ours_low_head} if dtype != torch.float32 else {})
+    fns = {"ours": ours, "ours, plain fp32 head": ours_plain_head}
+    fns |= {f"ours, {name} head": ours_low_head} if dtype != torch.float32 else {}
     peer, what = trl_step(model, 2, T, device, dtype) if transformers is not None else (None, "skipped (no transformers)")
     if peer is not None:
         fns["TRL"] = peer
@@ -732,6 +825,7 @@ def bench_dpo_peer(model, device, dtype, peak, bandwidth, repeats, T=256) -> tup
           f"{peak / 1e9:,.0f} GFLOP/s + {20 * N / 2**20:,.0f} MiB of optimizer traffic at {bandwidth / 1e9:.0f} GB/s")
     print(f"  peer: {what}")
     vs = f"{times['TRL'] / times['ours']:.2f}x TRL's DPOTrainer" if "TRL" in times else what
+    vs += f"; {times['ours, plain fp32 head'] / times['ours']:.2f}x ours with the plain head"
     if f"ours, {name} head" in times:
         low = times[f"ours, {name} head"]
         print(f"  the exact fp32 head costs {1e3 * (times['ours'] - low):,.0f} ms of ours; with a {name} head, as TRL "
@@ -766,6 +860,10 @@ def main():
     s = common.parse_settings(Settings)
     if s.memory:
         return bench_memory(s)
+    if s.head_step:
+        return head_step(s)
+    if s.head:
+        return bench_head(s)
     device, dtype, reason = common.pick_device(s.device, s.dtype)
     if s.peer_only:
         summary = bench_peers(s, device, s.steps or (10 if device.type == "cuda" else 5))

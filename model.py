@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import head
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. The network
@@ -155,21 +156,21 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied lm_head counted once; wpe included, as HF does
 
-    def forward(self, idx, attention_mask=None, cache: KVCache | None = None, select=None, hidden: bool = False):
+    def forward(self, idx, attention_mask=None, cache: KVCache | None = None, select=None, hidden: bool = False,
+                targets=None):
         """idx (B, T) token ids -> logits (B, T, V) for every position, or (N, V) for the N positions where the
         bool mask `select` (B, T) is True: the vocabulary projection is the largest matmul of a small GPT-2 (and its
-        (B, T, 50257) output the largest tensor), so training computes it only where a loss needs it. hidden=True
-        returns the final hidden states (after ln_f) instead: a reward model puts its own head on them.
-
-        Training passes only idx (right-padded batches need no mask: causal attention never looks right).
-        Generation passes a KV cache (its first `cache.pos` positions filled, this call's T tokens next) and
+        (B, T, 50257) output the largest tensor), so training computes it only where a loss needs it. Or, given
+        targets (N,), log pi(target) at those positions, (N,) fp32, exactly and in bounded memory (head.py); or with
+        hidden=True, the final hidden states (after ln_f), on which a reward model puts its own head.
+        Training passes idx, select and targets (right-padded batches need no mask: causal attention never looks
+        right). Generation passes a KV cache (its first `cache.pos` positions filled, this call's T tokens next) and
         attention_mask (B, S), True at the real tokens of the left-padded rows among the S positions attended."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-        where = torch.arange(T, device=idx.device)  # positions of these T tokens in the sequence (and the cache)
-        if cache is not None:
-            where = where + cache.pos
+        # positions of these T tokens in the sequence (and the cache): after the cached ones, if any
+        where = torch.arange(T, device=idx.device) + (cache.pos if cache is not None else 0)  # (T,)
         mask, pos = None, where  # (T,): without a mask, every row's positions are the same
         if attention_mask is not None:
             # Left padding shifts each row, so a row's positions count its real tokens: 0, 1, 2, ...
@@ -186,6 +187,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.ln_f(x if select is None else x[select])  # (B, T, C) or (N, C)
+        if targets is not None:
+            return head.response_logprobs(x, self.lm_head.weight, targets)  # (N,)
         return x if hidden else self.logits(x)  # (B, T, V) or (N, V)
 
     def logits(self, x):
@@ -322,9 +325,8 @@ def cut_at_stop(tokens: list[int], stop: tuple[str, ...], decode) -> list[int]:
 #             "__metadata__": {"format": "pt"}}      offsets count from the first byte after the header.
 # Tensors are stored row-major and little-endian, so a tensor is one contiguous byte range.
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+          "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 assert sys.byteorder == "little", "safetensors is little-endian; this reader does not byte-swap"
 

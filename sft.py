@@ -39,7 +39,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import batching
 import checkpoint
@@ -103,12 +102,10 @@ def sequence_logps(model, batch):
     against long rambling (rejected) answers and changes what beta means.
     """
     mask = batch["loss_mask"]
-    # (N, V) fp32 logits at the N masked positions only: GPT.logits projects in fp32 even under bf16 autocast, since
-    # casting bf16 logits afterwards would not undo their rounding (~0.1 nat per token at GPT-2's logit sizes).
-    logits = model(batch["input_ids"], select=mask)
-    # cross_entropy = -log_softmax(logits)[target], fused, in fp32; .float() is a no-op for our GPT and only
-    # upcasts other models run through this function (bench.py's transformers wrapper)
-    logp = -F.cross_entropy(logits.float(), batch["target_ids"][mask], reduction="none")  # (N,)
+    # log pi(y_t | x, y_<t) at the N masked positions only, (N,) fp32: the head projects in fp32 (or exactly as well,
+    # in split bf16 on a GPU) even under bf16 autocast, since casting bf16 logits afterwards would not undo their
+    # rounding (~0.1 nat per token at GPT-2's logit sizes); and it never holds all N rows of logits (head.py).
+    logp = model(batch["input_ids"], select=mask, targets=batch["target_ids"][mask])  # (N,)
     rows = mask.nonzero()[:, 0]  # the row of each masked position, in the same (row-major) order as x[mask]
     return torch.zeros(mask.shape[0], device=logp.device).index_add(0, rows, logp)  # (B,)
 

@@ -33,7 +33,8 @@ def test_cpu_checks_pass():
                          timeout=600)
     status = {line.split("  ")[1].split(" (")[0]: line.split("  ")[0] for line in run.stdout.splitlines()
               if line.startswith(("PASS", "FAIL", "SKIP"))}
-    assert run.returncode == 0 and status == {name: "SKIP" if name == "torch.compile" else "PASS"
+    cuda_only = {"torch.compile", "vocabulary head"}
+    assert run.returncode == 0 and status == {name: "SKIP" if name in cuda_only else "PASS"
                                               for name in gpu_check.CHECKS}, run.stdout + run.stderr[-3000:]
 
 
