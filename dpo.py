@@ -20,28 +20,22 @@ one goes down, each pair weighted by sigma(r_hat_l - r_hat_w), i.e. by how wrong
 ranks it now (Eq. 8's gradient). beta sets how far from pi_ref the policy may move: small beta, weak leash.
 
 The step is fused (as in the reference code): chosen and rejected are stacked into one batch [y_w; y_l],
-one forward pass gives both log-probs. The reference log-probs never change, so by default they are computed
-once before training and cached; the reference model is then freed (a third less compute, half the weights).
-The training loop is sft.py's; only the loss differs.
-
-Machinery it leans on: parallel.py (the reference pass split over the processes, its table assembled with one
-all_reduce) and common.py (the on-disk cache of the reference log-probs, autocast).
+one forward pass gives both log-probs. The reference log-probs never change, so by default refcache.py computes
+them once before training and caches them; the reference model is then freed. The training loop is sft.py's; only
+the loss differs. Beside Eq. 7 stand the variants people ask about (LOSSES), each at its equation; `make frontier`
+(frontier.py) trains them on the demo task and draws reward against KL, as the paper's Figure 2.
 """
 
 import copy
 import dataclasses
-import hashlib
-import json
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import batching
-import common
 import data
 import parallel
+import refcache
 import sft
 
 
@@ -54,8 +48,11 @@ class Settings(sft.Settings):
     lr: float = 1e-6  # DPO paper: RMSprop, lr 1e-6, 150 warmup steps, batch 64 pairs
     micro_batch_size: int = 4  # pairs per forward pass per GPU (the forward sees 2x rows: chosen and rejected)
     beta: float = 0.1  # KL leash strength (paper: 0.1 for dialogue)
-    loss: str = "dpo"  # dpo (Eq. 7), cdpo (label smoothing), ipo (Azar et al.), or reference_free
+    loss: str = "dpo"  # dpo (Eq. 7), cdpo, ipo, reference_free, simpo, orpo or unlikelihood: see LOSSES
     label_smoothing: float = 0.0  # cdpo: assumed probability that a preference label is flipped
+    simpo_gamma: float = 0.5  # simpo: the margin by which beta/|y| log pi(y_w|x) must beat that of y_l
+    orpo_lambda: float = 0.1  # orpo: weight of the log-odds-ratio term beside the chosen answer's NLL
+    unlikelihood_alpha: float = 0.5  # unlikelihood: weight of the rejected tokens' log(1 - pi) term
     reference: str = "precomputed"  # precomputed (one pass before training, cached) or live (a second model)
     eval_every: int = 250  # optimizer steps between evaluations
     save_every: int = 250  # optimizer steps between saved models (Figure 3 right: win rate over training)
@@ -96,6 +93,32 @@ def implicit_reward(policy_logps, reference_logps, beta: float):
     return beta * (policy_logps - reference_logps)
 
 
+def simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, beta, gamma):
+    """SimPO (Meng et al. 2024, arXiv:2405.14734, Eq. 6): no reference; the reward is the length-normalised
+    log-prob beta/|y| log pi(y|x), and the chosen answer's must beat the rejected one's by a margin gamma:
+    -log sigma(beta/|y_w| log pi(y_w|x) - beta/|y_l| log pi(y_l|x) - gamma). All (B,); returns as dpo_loss."""
+    chosen_rewards, rejected_rewards = beta * policy_chosen_logps / chosen_lengths, beta * policy_rejected_logps / rejected_lengths
+    return -F.logsigmoid(chosen_rewards - rejected_rewards - gamma), chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def orpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, lam):
+    """ORPO (Hong et al. 2024, arXiv:2403.07691, Eq. 6-7): no reference, and no SFT before it: the chosen answer's
+    NLL per token plus lam * -log sigma(log odds(y_w|x) - log odds(y_l|x)), odds = P / (1 - P) of the per-token
+    likelihood P = exp(log pi(y|x) / |y|). All (B,); the rewards it returns are the log odds."""
+    mean_chosen, mean_rejected = policy_chosen_logps / chosen_lengths, policy_rejected_logps / rejected_lengths
+    log_odds = lambda m: m - torch.log(-torch.expm1(m))  # noqa: E731  log P - log(1 - P), exact near P = 1
+    chosen_rewards, rejected_rewards = log_odds(mean_chosen), log_odds(mean_rejected)
+    losses = -mean_chosen - lam * F.logsigmoid(chosen_rewards - rejected_rewards)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def unlikelihood_loss(policy_chosen_logps, policy_rejected_logps, rejected_unlikely, alpha):
+    """Unlikelihood training (Welleck et al. 2019, arXiv:1908.04319; a baseline of the DPO paper's Figure 2): raise
+    log pi(y_w|x) and push every token of y_l down, -log pi(y_w|x) - alpha sum_t log(1 - pi(y_l,t | x, y_l,<t)).
+    rejected_unlikely (B,) is that sum; the rewards it returns are the two log-probs."""
+    return -policy_chosen_logps - alpha * rejected_unlikely, policy_chosen_logps.detach(), policy_rejected_logps.detach()
+
+
 def concatenated_forward(model, batch):
     """ONE forward over the stacked [chosen; rejected] rows (see data.py's diagram) -> two (B,) log-prob tensors.
 
@@ -106,90 +129,64 @@ def concatenated_forward(model, batch):
     return logps[:B], logps[B:]
 
 
+LOSSES = {  # each objective and the settings it reads; setting one it does not read is an error (check_loss)
+    "dpo": ("beta",), "cdpo": ("beta", "label_smoothing"), "ipo": ("beta",), "reference_free": ("beta",),
+    "simpo": ("beta", "simpo_gamma"), "orpo": ("orpo_lambda",), "unlikelihood": ("unlikelihood_alpha",)}
+NO_REFERENCE = ("simpo", "orpo", "unlikelihood")  # no pi_ref at all (reference_free still logs beta log pi/pi_ref)
+
+
+def check_loss(s: Settings) -> None:
+    """--loss exists, and no knob of another loss was moved from its default: it would silently do nothing."""
+    if s.loss not in LOSSES:
+        raise SystemExit(f"--loss must be one of {', '.join(LOSSES)}, got {s.loss!r}")
+    default = Settings()
+    for knob in sorted({k for knobs in LOSSES.values() for k in knobs} - set(LOSSES[s.loss])):
+        if getattr(s, knob) != getattr(default, knob):
+            raise SystemExit(f"--{knob}={getattr(s, knob)} is not used by --loss={s.loss}, which reads "
+                             f"{', '.join('--' + k for k in LOSSES[s.loss])}")
+    if s.loss in NO_REFERENCE and s.reference != default.reference:
+        raise SystemExit(f"--loss={s.loss} uses no reference model: drop --reference={s.reference}")
+
+
 def make_loss(s: Settings, reference=None):
     """loss_fn(model, batch) for sft.train; `reference` is the live model, or None to read precomputed logps."""
-    if s.loss not in ("dpo", "cdpo", "ipo", "reference_free"):
-        raise SystemExit(f"--loss must be dpo, cdpo, ipo or reference_free, got {s.loss!r}")
-    if s.loss != "cdpo" and s.label_smoothing:
-        raise SystemExit("--label_smoothing only applies to --loss=cdpo")
+    check_loss(s)
 
     def loss_fn(model, batch):
-        policy_chosen_logps, policy_rejected_logps = concatenated_forward(model, batch)
-        if reference is None:
-            reference_chosen_logps, reference_rejected_logps = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
+        mask, tokens = batch["loss_mask"], sft.token_logps(model, batch)  # ONE forward over [chosen; rejected]
+        logps, lengths = sft.per_row(tokens, mask), mask.sum(-1).float()  # (2B,)
+        B = logps.shape[0] // 2
+        policy_chosen_logps, policy_rejected_logps = logps[:B], logps[B:]
+        metrics = {}
+        if s.loss in ("simpo", "orpo"):
+            knob = s.simpo_gamma if s.loss == "simpo" else s.orpo_lambda
+            args = (policy_chosen_logps, policy_rejected_logps, lengths[:B], lengths[B:])
+            out = simpo_loss(*args, s.beta, knob) if s.loss == "simpo" else orpo_loss(*args, knob)
+        elif s.loss == "unlikelihood":  # log(1 - p) = log(-expm1(log p)), exact for p near 1; p = 1 would be -inf
+            unlikely = sft.per_row(torch.log(-torch.expm1(tokens.clamp(max=-1e-6))), mask)[B:]
+            out = unlikelihood_loss(policy_chosen_logps, policy_rejected_logps, unlikely, s.unlikelihood_alpha)
         else:
-            with torch.no_grad():
-                reference_chosen_logps, reference_rejected_logps = concatenated_forward(reference, batch)
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
-            policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-            beta=s.beta, label_smoothing=s.label_smoothing, ipo=s.loss == "ipo", reference_free=s.loss == "reference_free")
-        return losses, {
+            if reference is None:
+                reference_chosen_logps, reference_rejected_logps = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
+            else:
+                with torch.no_grad():
+                    reference_chosen_logps, reference_rejected_logps = concatenated_forward(reference, batch)
+            out = dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                           beta=s.beta, label_smoothing=s.label_smoothing, ipo=s.loss == "ipo",
+                           reference_free=s.loss == "reference_free")
+            metrics = {"ref_logp_chosen": reference_chosen_logps, "ref_logp_rejected": reference_rejected_logps}
+        losses, chosen_rewards, rejected_rewards = out
+        return losses, metrics | {
             "reward_chosen": chosen_rewards,
             "reward_rejected": rejected_rewards,
             "reward_accuracy": (chosen_rewards > rejected_rewards).float(),  # does the implicit reward rank it right?
+            "reward_ties": (chosen_rewards == rejected_rewards).float(),  # neither: all of them at step 0 (pi = pi_ref)
             "reward_margin": chosen_rewards - rejected_rewards,
             "logp_chosen": policy_chosen_logps.detach(),
             "logp_rejected": policy_rejected_logps.detach(),
         }
 
     return loss_fn
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reference log-probs, computed once
-
-
-def reference_logps(s: Settings, reference, tok: dict, split: str) -> np.ndarray:
-    """(N, 2) float32: log pi_ref(y_w|x), log pi_ref(y_l|x) for every pair, cached on disk.
-
-    The cache key covers the reference weights (size and mtime of the file and its config), every setting that
-    changes the tokens, and the tokens themselves: an edited data.py or a re-downloaded dataset changes them under
-    the same settings. With several processes each computes every world-th pair and an all_reduce of the
-    zero-filled rest assembles the whole table."""
-    run = parallel.setup(s)
-    device = run.device
-    weights = Path(s.model) / "model.safetensors" if Path(s.model).is_dir() else Path(s.model)
-    stamp = [str(weights.resolve()), weights.stat().st_size, weights.stat().st_mtime_ns] if weights.exists() else [s.model, s.seed]
-    tokens = hashlib.sha256()
-    for name in sorted(k for k in tok if k.endswith(("_ids", "_offsets"))):
-        tokens.update(np.ascontiguousarray(tok[name]))
-    key = json.dumps([stamp, tokens.hexdigest(), s.dataset, split, s.max_length, s.max_prompt_length, s.truncation,
-                      str(run.dtype)])
-    path = common.cache_dir() / "reference_logps" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
-    if path.exists():
-        return np.load(path, allow_pickle=False)
-    n = data.n_examples(tok)
-    table = torch.zeros(n, 2, dtype=torch.float64, device=device)
-    reference.to(device).eval()
-    ids = list(range(n))[run.rank :: run.world]
-    step = 2 * s.micro_batch_size  # no gradients, so larger batches fit
-    with torch.no_grad():
-        for i in range(0, len(ids), step):
-            chunk = ids[i : i + step]
-            batch = {k: v.to(device) for k, v in data.preference_batch(tok, chunk).items()}
-            with common.autocast(device, run.dtype):
-                chosen, rejected = concatenated_forward(reference, batch)
-            table[chunk] = torch.stack([chosen, rejected], -1).double()
-            if run.rank == 0 and (i // step) % 50 == 0:
-                print(f"  reference log-probs ({split}): {min(i + step, len(ids)) * run.world}/{n}", flush=True)
-    if run.world > 1:
-        torch.distributed.all_reduce(table)
-    result = table.float().cpu().numpy()
-    if run.rank == 0:
-        common.atomic_write(path, lambda f: np.save(f, result))
-    return result
-
-
-def with_reference(batch_fn, table: np.ndarray):
-    """Wrap a preference batch function so each batch also carries its pairs' reference log-probs."""
-
-    def fn(ids):
-        batch = batch_fn(ids)
-        batch["reference_chosen_logps"] = torch.from_numpy(table[ids, 0])
-        batch["reference_rejected_logps"] = torch.from_numpy(table[ids, 1])
-        return batch
-
-    return fn
 
 
 def main(argv=None):
@@ -205,16 +202,21 @@ def main(argv=None):
     eval_data = data.select_examples(eval_data, batching.eval_subset(data.n_examples(eval_data), s.n_eval, s.seed))
     train_batch = lambda ids: data.preference_batch(train_data, ids)  # noqa: E731
     eval_batch = lambda ids: data.preference_batch(eval_data, ids)  # noqa: E731
-    if s.reference == "precomputed":
-        train_batch = with_reference(train_batch, reference_logps(s, reference, train_data, "train"))
-        eval_batch = with_reference(eval_batch, reference_logps(s, reference, eval_data, "test"))
-        del reference  # its log-probs are all we need from it
+    check_loss(s)
+    if s.loss == "orpo":
+        print("--loss=orpo: ORPO does its own SFT and needs no reference: train it from a base model (--model), not "
+              "from an SFT checkpoint")
+    if s.loss in NO_REFERENCE:
+        loss_fn = make_loss(s)
+    elif s.reference == "precomputed":
+        train_batch = refcache.with_reference(train_batch, refcache.reference_logps(s, reference, train_data, "train"))
+        eval_batch = refcache.with_reference(eval_batch, refcache.reference_logps(s, reference, eval_data, "test"))
         loss_fn = make_loss(s)
     elif s.reference == "live":
-        device = parallel.setup(s).device
-        loss_fn = make_loss(s, reference.to(device).eval())
+        loss_fn = make_loss(s, reference.to(parallel.setup(s).device).eval())
     else:
         raise SystemExit(f"--reference must be precomputed or live, got {s.reference!r}")
+    del reference  # precomputed: its log-probs are all we need from it; live: loss_fn holds it
     lengths = data.example_lengths(train_data, "pref")
     sft.train(s, policy, loss_fn, train_batch, eval_batch, data.n_examples(eval_data), lengths, stage="dpo")
 

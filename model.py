@@ -11,9 +11,9 @@ The GPT-2 network (Radford et al. 2019), in the layout of nanoGPT:
 Reading order: the layers, the KV cache, `GPT` (logits for every position, or for the few a loss needs) and its
 `generate` (batched, left-padded, KV-cached sampling), the safetensors format by hand, the Hugging Face key map.
 
-Machinery it leans on: common.py (downloads, device and dtype, the settings parser, atomic directory swaps).
-engine.py is the fast way to call `generate` (weights cast and packed once per call, the decode step compiled):
-sampling.py samples through it, and tests/test_engine.py checks that it gives generate's tokens.
+It leans on common.py (downloads, device, dtype, settings, atomic directory swaps) and head.py (training's exact
+log-probs in bounded memory). engine.py is the fast way to call `generate` (weights cast and packed once per call,
+the decode step compiled): sampling.py samples through it; tests/test_engine.py checks it gives generate's tokens.
 """
 
 import dataclasses

@@ -135,10 +135,13 @@ def plot_sizes(pattern: str, temperature: float, path: Path) -> None:
 
 
 def plot_training(run_dirs: list[str], path: Path) -> None:
-    """SFT eval loss; DPO loss, reward accuracy and reward margin (train and eval), against the step."""
+    """SFT eval loss; DPO loss, reward accuracy (ties apart), reward margin (train and eval), and the policy's mean
+    chosen and rejected log-probs beside the reference's (flat: pi_ref does not move), against the step."""
     panels = [("loss", "SFT eval loss", False), ("loss", "DPO loss", True),
-              ("reward_accuracy", "DPO reward accuracy", True), ("reward_margin", "DPO reward margin", True)]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+              ("reward_accuracy", "DPO reward accuracy (ties: dotted)", True), ("reward_margin", "DPO reward margin", True),
+              ("logp", "DPO log-probs, eval (reference: dashed)", True)]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7))
+    axes.flat[-1].axis("off")
     drawn = 0
     for run in run_dirs:
         metrics = common.read_jsonl(Path(run) / "metrics.jsonl")
@@ -146,13 +149,27 @@ def plot_training(run_dirs: list[str], path: Path) -> None:
         for ax, (key, title, dpo_panel) in zip(axes.flat, panels):
             if dpo_panel != is_dpo:
                 continue
+            ax.set(title=title, xlabel="step")
+            if key == "logp":  # mean log pi(y|x) of the chosen and rejected answers, policy vs reference
+                evals = [m for m in metrics if m.get("split") == "eval" and "logp_chosen" in m]
+                for side, color in (("chosen", "tab:green"), ("rejected", "tab:red")):
+                    for prefix, style in (("", "-"), ("ref_", "--")):
+                        points = [(m["step"], m[f"{prefix}logp_{side}"]) for m in evals if f"{prefix}logp_{side}" in m]
+                        if points:
+                            ax.plot(*zip(*points), style, color=color, label=f"{'reference' if prefix else 'policy'} {side}")
+                            drawn += 1
+                ax.legend(fontsize=8)
+                continue
             for split in ("train", "eval") if is_dpo else ("eval",):
                 points = [(m["step"], m[key]) for m in metrics if m.get("split") == split and key in m]
                 if points:
-                    ax.plot(*zip(*points), marker="." if split == "eval" else None, label=f"{Path(run).name} {split}")
-                    ax.set(title=title, xlabel="step")
-                    ax.legend()
+                    line = ax.plot(*zip(*points), marker="." if split == "eval" else None, label=f"{Path(run).name} {split}")
                     drawn += 1
+                if key == "reward_accuracy":  # at step 0 every margin is exactly 0: a tie, not a wrong ranking
+                    ties = [(m["step"], m["reward_ties"]) for m in metrics if m.get("split") == split and "reward_ties" in m]
+                    if ties and points:
+                        ax.plot(*zip(*ties), ":", color=line[0].get_color(), label=f"{Path(run).name} {split} ties")
+            ax.legend(fontsize=8)
     if drawn:
         fig.tight_layout()
         fig.savefig(path, dpi=120)

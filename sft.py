@@ -93,21 +93,29 @@ class Settings:
 # The loss: per-sequence log-probabilities of the response tokens
 
 
-def sequence_logps(model, batch):
-    """Sum of log pi(y_t | x, y_<t) over the response tokens of each row -> (B,) in fp32.
+def token_logps(model, batch):
+    """log pi(y_t | x, y_<t) at each response position, (N,) fp32, in the row-major order of loss_mask's True entries.
 
     batch: input_ids (B, T); target_ids (B, T), the inputs shifted left by one; loss_mask (B, T), True where the
-    target is a response token. We SUM over tokens, as the paper's log pi(y | x) and the reference code do;
-    averaging instead would make every response count as if it were one token long, which removes the pressure
-    against long rambling (rejected) answers and changes what beta means.
-    """
+    target is a response token. The head projects in fp32 (or as exactly, in split bf16 on a GPU) even under bf16
+    autocast, since casting bf16 logits afterwards would not undo their rounding (~0.1 nat per token at GPT-2's
+    logit sizes); it computes only these N positions, and never holds all N rows of logits at once (head.py)."""
     mask = batch["loss_mask"]
-    # log pi(y_t | x, y_<t) at the N masked positions only, (N,) fp32: the head projects in fp32 (or exactly as well,
-    # in split bf16 on a GPU) even under bf16 autocast, since casting bf16 logits afterwards would not undo their
-    # rounding (~0.1 nat per token at GPT-2's logit sizes); and it never holds all N rows of logits (head.py).
-    logp = model(batch["input_ids"], select=mask, targets=batch["target_ids"][mask])  # (N,)
+    return model(batch["input_ids"], select=mask, targets=batch["target_ids"][mask])  # (N,)
+
+
+def per_row(values, mask):
+    """Per-position values (N,), in the order of mask's True entries -> their sum in each row (B,)."""
     rows = mask.nonzero()[:, 0]  # the row of each masked position, in the same (row-major) order as x[mask]
-    return torch.zeros(mask.shape[0], device=logp.device).index_add(0, rows, logp)  # (B,)
+    return torch.zeros(mask.shape[0], device=values.device).index_add(0, rows, values.float())  # (B,)
+
+
+def sequence_logps(model, batch):
+    """log pi(y | x) = sum of log pi(y_t | x, y_<t) over the response tokens of each row -> (B,) in fp32. We SUM
+    over tokens, as the paper's log pi(y | x) and the reference code do; averaging instead would make every response
+    count as if it were one token long, which removes the pressure against long rambling (rejected) answers and
+    changes what beta means."""
+    return per_row(token_logps(model, batch), batch["loss_mask"])
 
 
 def sft_loss(model, batch):

@@ -28,6 +28,7 @@ import data
 import dpo
 import engine
 import model
+import refcache
 import sft
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ def run_dpo(s, m, tok, reference=None):
     batch = lambda ids: data.preference_batch(tok, ids)  # noqa: E731
     if reference is None:
         reference = small_model()  # the policy's starting weights (small_model is seeded)
-        batch = dpo.with_reference(batch, dpo.reference_logps(s, reference, tok, "train"))
+        batch = refcache.with_reference(batch, refcache.reference_logps(s, reference, tok, "train"))
         loss_fn = dpo.make_loss(s)
     else:
         loss_fn = dpo.make_loss(s, reference.eval())
@@ -193,7 +194,7 @@ def test_log_probs_under_bf16_autocast_match_fp32_at_gpt2_logit_sizes(cache):
     err = (got - want).abs()
     assert err.max() <= 0.05, f"training log-probs, bf16 vs fp32: per-sequence errors {err.tolist()}, max {err.max()}"
 
-    tables = {dtype: dpo.reference_logps(settings(dpo.Settings, dtype=dtype), m, tok, "train")
+    tables = {dtype: refcache.reference_logps(settings(dpo.Settings, dtype=dtype), m, tok, "train")
               for dtype in ("float32", "bfloat16")}
     err = np.abs(tables["bfloat16"] - tables["float32"])
     assert err.max() <= 0.05, f"reference log-probs, bf16 vs fp32: errors {err.tolist()}, max {err.max()}"
@@ -251,6 +252,71 @@ def test_each_loss_variant_matches_its_closed_form(variant, kw):
     got_rewards = list(zip(chosen_rewards.tolist(), rejected_rewards.tolist()))
     diff = max(abs(a - b) for got, want in zip(got_rewards, want_rewards) for a, b in zip(got, want))
     assert diff <= 1e-12, f"rewards {got_rewards}, expected {want_rewards}, max abs diff {diff}"
+
+
+LENGTHS = [(4, 9), (1, 1), (12, 3)]  # (|y_w|, |y_l|) of each of POINTS' pairs, in tokens
+
+
+def test_simpo_orpo_and_unlikelihood_match_their_closed_forms():
+    """Each new objective at hand-computed points. Catches SimPO's length normalisation left out (or by the wrong
+    answer's length), gamma added instead of subtracted; ORPO's odds taken of the summed log-prob instead of the
+    per-token one, log(1 - P) written as log(1 - log P), the NLL term summed or left out, lambda on the wrong term;
+    unlikelihood's alpha on the chosen term, or its log(1 - p) sum with the wrong sign."""
+    pc, pr = as_tensors([(p[0], p[1]) for p in POINTS])
+    lc, lr = as_tensors(LENGTHS)
+    gamma, lam, alpha = 0.3, 0.7, 0.4
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    log_odds = lambda m: m - math.log(1 - math.exp(m))  # noqa: E731  (m: the per-token log-likelihood, log P)
+    cases = {
+        "simpo": (dpo.simpo_loss(pc, pr, lc, lr, BETA, gamma),
+                  [(-math.log(sigmoid(BETA * a / n - BETA * b / m - gamma)), BETA * a / n, BETA * b / m)
+                   for (a, b, *_), (n, m) in zip(POINTS, LENGTHS)]),
+        "orpo": (dpo.orpo_loss(pc, pr, lc, lr, lam),
+                 [(-a / n - lam * math.log(sigmoid(log_odds(a / n) - log_odds(b / m))), log_odds(a / n), log_odds(b / m))
+                  for (a, b, *_), (n, m) in zip(POINTS, LENGTHS)]),
+        "unlikelihood": (dpo.unlikelihood_loss(pc, pr, torch.tensor([-0.5, -2.0, -0.01], dtype=torch.float64), alpha),
+                         [(-a - alpha * u, a, b) for (a, b, *_), u in zip(POINTS, [-0.5, -2.0, -0.01])]),
+    }
+    for name, (got, want) in cases.items():
+        got = list(zip(*(g.tolist() for g in got)))
+        diff = max(abs(x - y) for g, w in zip(got, want) for x, y in zip(g, w))
+        assert diff <= 1e-12, f"{name}: (loss, chosen reward, rejected reward) {got}, closed form {want}, diff {diff}"
+
+
+def test_the_new_losses_read_the_right_tokens_of_the_batch(cache):
+    """Through make_loss on a real batch, against the model's own per-token log-probs: catches lengths that count
+    padding, chosen and rejected halves swapped, and unlikelihood's sum taken over the chosen tokens (or over all
+    positions) instead of the rejected answer's."""
+    m, tok = small_model(), small_pairs(n=4)
+    batch = data.preference_batch(tok, range(4))
+    with torch.no_grad():
+        logp = torch.log_softmax(m(batch["input_ids"]).double(), -1).gather(2, batch["target_ids"][..., None])[..., 0]
+        mask = batch["loss_mask"]
+        seq, n = (logp * mask).sum(-1), mask.sum(-1).double()
+        unlikely = (torch.log1p(-logp.exp()) * mask).sum(-1)
+        for loss, knob, want in [
+            ("simpo", {"simpo_gamma": 0.3}, dpo.simpo_loss(seq[:4], seq[4:], n[:4], n[4:], 2.0, 0.3)[0]),
+            ("orpo", {"orpo_lambda": 0.7}, dpo.orpo_loss(seq[:4], seq[4:], n[:4], n[4:], 0.7)[0]),
+            ("unlikelihood", {"unlikelihood_alpha": 0.4}, -seq[:4] - 0.4 * unlikely[4:])]:
+            s = settings(dpo.Settings, loss=loss, **knob, **({"beta": 2.0} if loss == "simpo" else {}))
+            got, metrics = dpo.make_loss(s)(m, batch)
+            assert torch.allclose(got.double(), want, atol=1e-4), (loss, got.tolist(), want.tolist())
+            assert "ref_logp_chosen" not in metrics
+
+
+def test_a_loss_given_a_knob_it_does_not_read_stops_with_a_clear_error():
+    """Catches a knob that silently does nothing (--beta with ORPO, --label_smoothing with SimPO), ORPO or SimPO
+    handed a reference model they would never use, and a misspelled loss."""
+    cases = [(dict(loss="orpo", beta=0.2), "--beta=0.2 is not used by --loss=orpo, which reads --orpo_lambda"),
+             (dict(loss="simpo", label_smoothing=0.1), "--label_smoothing=0.1 is not used by --loss=simpo"),
+             (dict(loss="dpo", simpo_gamma=1.0), "--simpo_gamma=1.0 is not used by --loss=dpo"),
+             (dict(loss="unlikelihood", orpo_lambda=1.0), "--orpo_lambda=1.0 is not used"),
+             (dict(loss="orpo", reference="live"), "--loss=orpo uses no reference model"),
+             (dict(loss="simpos"), "--loss must be one of")]
+    for kw, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            dpo.make_loss(settings(dpo.Settings, **kw))
+    dpo.make_loss(settings(dpo.Settings, loss="cdpo", label_smoothing=0.1, beta=0.3))  # its own knobs: fine
 
 
 def test_loss_is_log_2_when_policy_equals_reference():
@@ -493,7 +559,7 @@ def test_reference_cache_is_keyed_by_the_tokens(cache):
     for seed in (0, 1):  # same settings and split, different pairs
         tok = data.tokenize_pairs(data.synthetic_pairs("train", n=8, seed=seed), max_length=128,
                                   max_prompt_length=64)
-        table = dpo.reference_logps(s, reference, tok, "train")
+        table = refcache.reference_logps(s, reference, tok, "train")
         want = torch.stack(dpo.concatenated_forward(reference, data.preference_batch(tok, range(8))), -1).detach()
         diff = (torch.from_numpy(table) - want).abs().max().item()
         assert diff <= 1e-4, \
@@ -530,9 +596,9 @@ def test_dpo_precomputes_reference_logps_only_for_the_evaluated_rows(tmp_path, c
     """Catches precomputing the reference over the whole test split (~8.5K HH pairs: minutes of a GPU for 256
     used rows), and a table whose rows are not the evaluated pairs (the step-0 eval loss would then not be log 2)."""
     monkeypatch.setattr(data, "load_pairs", lambda dataset, split: data.synthetic_pairs(split, n=16))
-    sizes, reference_logps = {}, dpo.reference_logps
+    sizes, reference_logps = {}, refcache.reference_logps
     spy = lambda s, ref, tok, split: sizes.setdefault(split, data.n_examples(tok)) and reference_logps(s, ref, tok, split)  # noqa: E731
-    monkeypatch.setattr(dpo, "reference_logps", spy)
+    monkeypatch.setattr(refcache, "reference_logps", spy)
     out = tmp_path / "run"
     dpo.main([f"--{k}={v}" for k, v in {**FAST, "batch_size": 4, "micro_batch_size": 4}.items()] + [
         "--model=tiny", "--dataset=synthetic", f"--out={out}", "--max_steps=1", "--n_eval=4", "--eval_every=1"])
