@@ -26,7 +26,7 @@ NODES  := $(if $(filter-out 1,$(NNODES)),--nnodes=$(NNODES) --node_rank=$(NODE_R
 LAUNCH := $(if $(filter-out 1,$(NGPU))$(filter-out 1,$(NNODES))$(filter true,$(FSDP)),$(PY) -m torch.distributed.run $(NODES) --nproc_per_node=$(NGPU),$(PY))
 TRAIN  := --fsdp=$(FSDP) --offload=$(OFFLOAD) $(TRAIN_ARGS)
 
-.PHONY: help setup test demo data sft dpo reward eval figures chat all bench memory gpu-check clean
+.PHONY: help setup test demo demo-models frontier data sft dpo reward eval figures chat all bench memory gpu-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -53,17 +53,25 @@ DEMO_PAIRS ?= 0#                    demo held-out pairs for the preference accur
 DEMO_DTYPE := --dtype=float32
 DEMO_TRAIN := $(DEMO_DTYPE) --dataset=synthetic --optimizer=adamw --batch_size=32 --micro_batch_size=32 --warmup_steps=10 --n_eval=128 --checkpoint_every=50
 
-demo: ## the whole pipeline offline on a CPU: tiny GPT, synthetic task, ground-truth judge, Figure 3 (~5 min)
+demo-models: ## the demo's base, SFT, DPO and reward models (the first 4 min of make demo; each skipped when done)
 	$(PY) sft.py $(DEMO_TRAIN) --model=tiny --train_on=all --max_steps=300 --lr=3e-3 --eval_every=50 --out=$(DEMO)/base $(DEMO_ARGS)
 	$(PY) sft.py $(DEMO_TRAIN) --model=$(DEMO)/base/final --lr=1e-3 --eval_every=25 --out=$(DEMO)/sft $(DEMO_ARGS)
 	$(PY) dpo.py $(DEMO_TRAIN) --model=$(DEMO)/sft/final --lr=3e-4 --beta=0.5 --eval_every=25 --save_every=25 --out=$(DEMO)/dpo $(DEMO_ARGS)
 	$(PY) reward.py $(DEMO_TRAIN) --model=$(DEMO)/sft/final --lr=3e-4 --eval_every=25 --out=$(DEMO)/reward $(DEMO_ARGS)
+
+demo: demo-models ## the whole pipeline offline on a CPU: tiny GPT, synthetic task, ground-truth judge, Figure 3 (~5 min)
 	$(PY) judge.py --dataset=synthetic --judge=groundtruth --models=base:$(DEMO)/base/final,sft:$(DEMO)/sft/final,dpo:$(DEMO)/dpo/final \
 	    --dpo_steps=$(DEMO)/dpo --n=$(DEMO_N) $(DEMO_DTYPE) --max_new_tokens=40 --batch_size=100 --out=$(DEMO)/eval \
 	    --best_of=$(DEMO_BEST_OF) --best_of_curve=true --scorer=$(DEMO)/reward/final \
 	    --accuracy=reward_model:$(DEMO)/reward/final,dpo_implicit:implicit:$(DEMO)/dpo/final,sft_likelihood:likelihood:$(DEMO)/sft/final \
 	    --accuracy_n=$(DEMO_PAIRS)
 	$(PY) plot.py --out=$(DEMO)/eval --runs=$(DEMO)/sft,$(DEMO)/dpo
+
+# The paper's Figure 2 (left) on the demo task: mean true reward vs KL(pi || pi_SFT) of DPO at five beta, IPO, cDPO,
+# SimPO, ORPO (from the base model: it does its own SFT) and unlikelihood at two strengths each, and Best of N.
+FRONTIER_ARGS ?=#                   appended to the frontier.py command, e.g. FRONTIER_ARGS=--steps=30
+frontier: demo-models ## reward vs KL frontier on the demo task, every loss of dpo.py and Best of N (~10 min): $(DEMO)/frontier
+	$(PY) frontier.py --demo=$(DEMO) "--train=$(DEMO_TRAIN) --lr=3e-4" $(FRONTIER_ARGS)
 
 data: ## download Anthropic HH-RLHF (~40 MB) and tokenize it
 	$(PY) data.py --dataset=hh --split=train
