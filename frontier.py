@@ -155,8 +155,9 @@ def plot(rows: list[dict], path: Path) -> None:
         pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["kl"])
         ax.errorbar([r["kl"] for r in pts], [r["reward"] for r in pts], xerr=[r["kl_ci"] for r in pts],
                     yerr=[r["reward_ci"] for r in pts], marker="o" if len(pts) > 1 else "s", capsize=2, label=method)
-    ax.set(xlabel="KL(π ‖ π_SFT), nats (estimated from the samples)", ylabel="mean true reward (95% CI)",
-           title="Reward vs KL on the demo task (DPO paper, Figure 2 left)")
+    ax.set_xscale("symlog", linthresh=1.0)  # linear below 1 nat, logarithmic above: a collapsed run sits at ~50
+    ax.set(xlabel="KL(π ‖ π_SFT), nats (estimated from the samples; Best of N: log N - (N-1)/N)",
+           ylabel="mean true reward (95% CI)", title="Reward vs KL on the demo task (DPO paper, Figure 2 left)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
