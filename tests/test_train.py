@@ -319,6 +319,24 @@ def test_a_loss_given_a_knob_it_does_not_read_stops_with_a_clear_error():
     dpo.make_loss(settings(dpo.Settings, loss="cdpo", label_smoothing=0.1, beta=0.3))  # its own knobs: fine
 
 
+def test_dpo_logs_ties_at_step_0_and_a_flat_reference_for_the_log_prob_panel(tmp_path, monkeypatch):
+    """At step 0 pi = pi_ref and every implicit-reward margin is exactly 0: catches that logged as 0% accuracy with no
+    tie count, reference log-probs not logged (or moving) for training.png's panel, and the panel not drawn."""
+    import plot
+
+    monkeypatch.setattr(data, "load_pairs", lambda dataset, split: data.synthetic_pairs(split, n=16))
+    out = tmp_path / "dpo"
+    dpo.main([f"--{k}={v}" for k, v in {**FAST, "batch_size": 4, "micro_batch_size": 4}.items()] + [
+        "--model=tiny", "--dataset=synthetic", f"--out={out}", "--max_steps=3", "--n_eval=4", "--eval_every=1"])
+    evals = records(out, "eval")
+    assert evals[0]["reward_ties"] == 1.0 and evals[0]["reward_accuracy"] == 0.0, evals[0]
+    assert evals[-1]["reward_ties"] < 1.0, evals[-1]
+    assert len({(e["ref_logp_chosen"], e["ref_logp_rejected"]) for e in evals}) == 1, evals
+    assert evals[0]["ref_logp_chosen"] == pytest.approx(evals[0]["logp_chosen"], abs=1e-5)
+    plot.plot_training([str(out)], tmp_path / "training.png")
+    assert (tmp_path / "training.png").stat().st_size > 1000
+
+
 def test_loss_is_log_2_when_policy_equals_reference():
     """Catches a missing reference term or a mis-scaled sigmoid: at pi == pi_ref every pair is a coin flip,
     -log sigma(0) = log 2, and both implicit rewards are exactly zero."""
