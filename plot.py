@@ -158,7 +158,8 @@ def plot_training(run_dirs: list[str], path: Path) -> None:
                         if points:
                             ax.plot(*zip(*points), style, color=color, label=f"{'reference' if prefix else 'policy'} {side}")
                             drawn += 1
-                ax.legend(fontsize=8)
+                if evals:
+                    ax.legend(fontsize=8)
                 continue
             for split in ("train", "eval") if is_dpo else ("eval",):
                 points = [(m["step"], m[key]) for m in metrics if m.get("split") == split and key in m]
@@ -169,7 +170,8 @@ def plot_training(run_dirs: list[str], path: Path) -> None:
                     ties = [(m["step"], m["reward_ties"]) for m in metrics if m.get("split") == split and "reward_ties" in m]
                     if ties and points:
                         ax.plot(*zip(*ties), ":", color=line[0].get_color(), label=f"{Path(run).name} {split} ties")
-            ax.legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
     if drawn:
         fig.tight_layout()
         fig.savefig(path, dpi=120)

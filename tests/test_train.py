@@ -302,6 +302,17 @@ def test_the_new_losses_read_the_right_tokens_of_the_batch(cache):
             got, metrics = dpo.make_loss(s)(m, batch)
             assert torch.allclose(got.double(), want, atol=1e-4), (loss, got.tolist(), want.tolist())
             assert "ref_logp_chosen" not in metrics
+    # a random model's tokens are all unlikely (log(1 - p) ~ -2e-5), so the unlikelihood term needs chosen log-probs
+    # to be seen at all: per-token log-probs from -0.01 to -3 in place of the model's
+    tokens = -torch.linspace(0.01, 3.0, int(mask.sum()), dtype=torch.float64)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sft, "token_logps", lambda model, batch: tokens)
+        got, _ = dpo.make_loss(settings(dpo.Settings, loss="unlikelihood", unlikelihood_alpha=0.4))(m, batch)
+    per_row = torch.zeros(8, dtype=torch.float64).index_put_((mask.nonzero()[:, 0],), tokens, accumulate=True)
+    unlikely = torch.zeros(8, dtype=torch.float64).index_put_((mask.nonzero()[:, 0],), torch.log1p(-tokens.exp()),
+                                                              accumulate=True)
+    want = -per_row[:4] - 0.4 * unlikely[4:]
+    assert torch.allclose(got.double(), want, atol=1e-5), (got.tolist(), want.tolist())
 
 
 def test_a_loss_given_a_knob_it_does_not_read_stops_with_a_clear_error():
