@@ -26,10 +26,12 @@ rest of a bf16 step does.
 Memory. The plain way materialises the logits of all N response positions, their log-softmax and its gradient:
 three (N, V) fp32 tensors, 3 x 4 x 2,048 x 50,257 bytes = 1.2 GB for a DPO micro-batch of 4 pairs x 512 tokens (half
 of them response). Here rows go through in chunks of CHUNK_ROWS: a chunk's logits live only while its log-probs are
-taken, and backward computes them again, keeping between the passes only h, one logsumexp per row, and the last
-chunk's logits. At most two (CHUNK_ROWS, V) fp32 tensors exist at a time, 2 x 4 x 512 x 50,257 bytes = 206 MB,
-whatever N is. The price is one more head matmul for every chunk but the last (the recomputation): 4 instead of 3
-when N is many chunks, none when N <= CHUNK_ROWS.
+taken, and backward computes them again, keeping between the passes only h, one logsumexp per row, the last
+chunk's logits, and as many others as KEEP_BYTES allows. On a GPU that is none: memory is what is short there, and
+the split products are cheap, so at most two (CHUNK_ROWS, V) fp32 tensors exist at a time, 2 x 4 x 512 x 50,257
+bytes = 206 MB, whatever N is; the price is one more head product for every chunk but the last (4 instead of 3).
+On a CPU, where memory is plentiful and an fp32 product is the step's largest cost, up to 1 GiB of logits is kept
+(all of them for the demo and for 4 pairs x 512 tokens): bounded still, and no slower than the plain way.
 
 Tests (tests/test_head.py): log-probs and gradients equal the plain unchunked fp32 computation, for chunk sizes that
 do and do not divide N; the split product, emulated on CPU, stays within 0.05 nat per sequence where bf16 does not.
@@ -41,6 +43,7 @@ import functools
 import torch
 
 CHUNK_ROWS = 512  # response positions per chunk: (512, 50257) fp32 logits are 103 MB
+KEEP_BYTES = {"cuda": 0, "cpu": 2**30}  # chunks of logits forward may keep for backward, beside the last (see above)
 
 
 def split_bf16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,25 +85,28 @@ def project(h: torch.Tensor, w, split: bool) -> torch.Tensor:
 
 class ResponseLogprobs(torch.autograd.Function):
     """log_softmax(h W^T)[targets], chunk by chunk. Backward goes through the chunks in reverse and computes their
-    logits again, all but the last chunk's, which forward keeps (so one chunk of N <= CHUNK_ROWS costs nothing more)."""
+    logits again, except the last chunk's and any others forward kept within KEEP_BYTES."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk: int, split: bool):
         w = split_bf16(weight) if split else weight.float()  # W's bf16 parts are made once per call
         logps = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)  # (N,)
         lse = torch.empty_like(logps)  # (N,) logsumexp of each row's logits: what backward needs besides h and W
+        budget, ctx.kept = KEEP_BYTES.get(hidden.device.type, 0), {}  # chunk start -> its logits, for backward
         for i in range(0, len(targets), chunk):
             z = project(hidden[i : i + chunk], w, split)  # (n, V)
             lse[i : i + chunk] = z.logsumexp(-1)
             logps[i : i + chunk] = z.gather(1, targets[i : i + chunk, None])[:, 0] - lse[i : i + chunk]
+            if 4 * z.numel() * (len(ctx.kept) + 1) <= budget:
+                ctx.kept[i] = z
+        ctx.kept[i] = z  # the last chunk's logits are at hand when backward starts
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk, ctx.split, ctx.w, ctx.last = chunk, split, w, (i, z)
+        ctx.chunk, ctx.split, ctx.w = chunk, split, w
         return logps
 
     @staticmethod
     def backward(ctx, grad):  # grad (N,): dL/dlogp of each row
         hidden, weight, targets, lse = ctx.saved_tensors
-        (last, z_last), ctx.last = ctx.last, None
         # d logp / dz = onehot(target) - softmax(z); z = h W^T, so dL/dh = g W and dL/dW = g^T h, with g (n, V).
         # On a GPU (split) g's products run in bf16, as autocast runs the rest of the step's backward.
         low = torch.bfloat16 if ctx.split else torch.float32
@@ -109,8 +115,8 @@ class ResponseLogprobs(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (V, C)
         for i in reversed(range(0, len(targets), ctx.chunk)):
             rows, go = slice(i, i + ctx.chunk), grad[i : i + ctx.chunk, None]  # go (n, 1)
-            z = z_last if i == last else project(hidden[rows], ctx.w, ctx.split)  # (n, V)
-            z_last = None  # the kept chunk is freed once used
+            z = ctx.kept.pop(i, None)  # kept by forward (and freed once used), or computed again
+            z = project(hidden[rows], ctx.w, ctx.split) if z is None else z  # (n, V)
             g = (z - lse[rows, None]).exp_().mul_(-go)  # -softmax(z) dL/dlogp
             g = g.scatter_add_(1, targets[rows, None], go).to(low)  # + onehot(target) dL/dlogp
             grad_hidden[rows] = g @ w

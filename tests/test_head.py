@@ -29,12 +29,14 @@ def small(n: int, seed: int = 0, V: int = 300, C: int = 16):
             torch.randn(n, generator=g))
 
 
+@pytest.mark.parametrize("keep", [0, 2**30], ids=["recomputed", "kept"])
 @pytest.mark.parametrize("n, chunk", [(40, 8), (37, 8), (37, 64), (5, 1), (8, 8)])
-def test_log_probs_and_gradients_equal_the_plain_head(n, chunk):
-    """Chunk sizes that divide N and that do not, one chunk, one row per chunk. Catches a chunk boundary off by one
-    (rows skipped or done twice), a short last chunk lost, the logits kept from forward used for the wrong chunk, a
-    sign error in the softmax gradient, the target's one-hot term missing, and the head's gradient overwritten by
-    each chunk instead of summed over them."""
+def test_log_probs_and_gradients_equal_the_plain_head(n, chunk, keep, monkeypatch):
+    """Chunk sizes that divide N and that do not, one chunk, one row per chunk; logits computed again in backward (a
+    GPU's KEEP_BYTES) or kept from forward (a CPU's). Catches a chunk boundary off by one (rows skipped or done
+    twice), a short last chunk lost, kept logits used for the wrong chunk, a sign error in the softmax gradient, the
+    target's one-hot term missing, and the head's gradient overwritten by each chunk instead of summed over them."""
+    monkeypatch.setattr(head, "KEEP_BYTES", {"cpu": keep})
     hidden, weight, targets, upstream = small(n)
     want = grads(plain, hidden, weight, targets, upstream)
     got = grads(lambda h, w, t: head.response_logprobs(h, w, t, chunk), hidden, weight, targets, upstream)
@@ -43,9 +45,12 @@ def test_log_probs_and_gradients_equal_the_plain_head(n, chunk):
         assert diff <= 1e-5 * max(1.0, b.abs().max().item()), f"{name}: max abs diff {diff}"
 
 
-def test_no_tensor_holds_more_than_a_chunk_of_logits():
+@pytest.mark.parametrize("keep", [0, 2**30])
+def test_no_tensor_holds_more_than_a_chunk_of_logits(keep, monkeypatch):
     """The point of the chunks: no (N, V) tensor is ever alive, in forward or backward. Catches logits (or their
-    softmax, or its gradient) computed for all N rows at once. Every tensor an op creates is inspected."""
+    softmax, or its gradient) computed for all N rows at once, and kept chunks joined into one. Every tensor an op
+    creates is inspected."""
+    monkeypatch.setattr(head, "KEEP_BYTES", {"cpu": keep})
     hidden, weight, targets, upstream = small(40)
     V, C, chunk = weight.shape[0], weight.shape[1], 8
     shapes = []
@@ -64,6 +69,21 @@ def test_no_tensor_holds_more_than_a_chunk_of_logits():
     with Record():  # the check itself can fail: the plain head does hold all rows
         grads(plain, hidden, weight, targets, upstream)
     assert (40, V) in shapes
+
+
+def test_a_gpu_keeps_only_the_last_chunk_and_a_cpu_keeps_within_its_budget(monkeypatch):
+    """What forward keeps for backward: on a GPU (no budget) the last chunk only, so memory stays two chunks whatever
+    N is; on a CPU all the chunks that fit KEEP_BYTES. Catches a budget ignored (GPU memory growing with N) or
+    never used (CPU paying for recomputation it has the memory to skip)."""
+    hidden, weight, targets, upstream = small(40)
+    projected = []
+    project = head.project
+    monkeypatch.setattr(head, "project", lambda h, w, split: projected.append(len(h)) or project(h, w, split))
+    for keep, products in ((0, [8] * 5 + [8] * 4), (5 * 8 * 300 * 4, [8] * 5), (2 * 8 * 300 * 4, [8] * 5 + [8] * 2)):
+        monkeypatch.setattr(head, "KEEP_BYTES", {"cpu": keep})
+        projected.clear()
+        grads(lambda h, w, t: head.response_logprobs(h, w, t, 8), hidden, weight, targets, upstream)
+        assert projected == products, (keep, projected)
 
 
 def test_the_split_product_is_exact_where_bf16_is_not():
