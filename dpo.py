@@ -157,7 +157,7 @@ def make_loss(s: Settings, reference=None):
         logps, lengths = sft.per_row(tokens, mask), mask.sum(-1).float()  # (2B,)
         B = logps.shape[0] // 2
         policy_chosen_logps, policy_rejected_logps = logps[:B], logps[B:]
-        metrics = {}
+        metrics, noise = {}, 0.0
         if s.loss in ("simpo", "orpo"):
             knob = s.simpo_gamma if s.loss == "simpo" else s.orpo_lambda
             args = (policy_chosen_logps, policy_rejected_logps, lengths[:B], lengths[B:])
@@ -175,12 +175,17 @@ def make_loss(s: Settings, reference=None):
                            beta=s.beta, label_smoothing=s.label_smoothing, ipo=s.loss == "ipo",
                            reference_free=s.loss == "reference_free")
             metrics = {"ref_logp_chosen": reference_chosen_logps, "ref_logp_rejected": reference_rejected_logps}
+            # at step 0 (pi = pi_ref) every margin is 0 up to the fp32 rounding of four summed log-probs, taken in
+            # other batches (the reference's were precomputed): a tie, not a ranking
+            noise = 1e-5 * s.beta * (logps.detach().view(2, -1).abs().sum(0) + reference_chosen_logps.abs()
+                                     + reference_rejected_logps.abs())
         losses, chosen_rewards, rejected_rewards = out
+        tie = (chosen_rewards - rejected_rewards).abs() <= noise
         return losses, metrics | {
             "reward_chosen": chosen_rewards,
             "reward_rejected": rejected_rewards,
-            "reward_accuracy": (chosen_rewards > rejected_rewards).float(),  # does the implicit reward rank it right?
-            "reward_ties": (chosen_rewards == rejected_rewards).float(),  # neither: all of them at step 0 (pi = pi_ref)
+            "reward_accuracy": ((chosen_rewards > rejected_rewards) & ~tie).float(),  # does it rank the pair right?
+            "reward_ties": tie.float(),  # neither way: every pair at step 0
             "reward_margin": chosen_rewards - rejected_rewards,
             "logp_chosen": policy_chosen_logps.detach(),
             "logp_rejected": policy_rejected_logps.detach(),
