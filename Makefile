@@ -37,7 +37,7 @@ setup: ## create .venv with torch ($(TORCH)) and the project + test tools (~2 mi
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[test]"
 
-test: ## run the test suite on CPU (~3 min on 2 cores)
+test: ## run the test suite on CPU (~4 min on 2 cores)
 	$(PY) -m pytest -q tests
 
 # The demo: the same scripts on a synthetic HH-format task (data.py, section 2) with a 7M-parameter GPT, and a
