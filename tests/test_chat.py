@@ -11,7 +11,7 @@ import torch
 import chat
 import common
 import data
-import model
+import model as gpt
 import reward
 
 ENC = common.get_tokenizer()
@@ -35,7 +35,7 @@ def recorder(monkeypatch):
         return [ENC.encode_ordinary(replies.get(who, [" A fruit is apple."] * 99).pop(0))]
 
     monkeypatch.setattr(chat, "load_chat_model", loading)
-    monkeypatch.setattr(model.GPT, "generate", generate)
+    monkeypatch.setattr(gpt.GPT, "generate", generate)
     return asked, replies
 
 
@@ -80,10 +80,10 @@ def test_reset_clears_the_history_and_commands_answer(recorder):
     does not reach the sampler."""
     asked, _ = recorder
     temperatures = []
-    generate = model.GPT.generate
+    generate = gpt.GPT.generate
     printed, history = None, None
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(model.GPT, "generate", lambda self, p, n, t, **k: temperatures.append(t) or generate(self, p, n, t, **k))
+        mp.setattr(gpt.GPT, "generate", lambda self, p, n, t, **k: temperatures.append(t) or generate(self, p, n, t, **k))
         printed, history = run(["--models=dpo:tiny"], ["q1", "/reset", "/temperature 0.25", "/temperature hot",
                                                           "/nope", "q2", "/quit", "q3"])
     assert [p for _, p in asked] == ["\n\nHuman: q1\n\nAssistant:", "\n\nHuman: q2\n\nAssistant:"], asked
@@ -115,8 +115,8 @@ def test_answers_stream_and_stop_at_the_next_human_turn(monkeypatch):
     """The real generate, on a scripted network whose answer runs on into a new Human turn. Catches the stop string
     not applied (the next turn printed and kept in the history, or sampled on past it), streamed text that differs
     from the final answer, and a half-written "\\n\\nHuman" printed, or kept when the answer's tokens ran out."""
-    script = ENC.encode_ordinary(" Sure! A fruit is apple.\n\nHuman: and then") + [model.EOT]
-    net, calls = model.GPT(dataclasses.replace(model.PRESETS["tiny"], n_layer=1)).eval(), []
+    script = ENC.encode_ordinary(" Sure! A fruit is apple.\n\nHuman: and then") + [gpt.EOT]
+    net, calls = gpt.GPT(dataclasses.replace(gpt.PRESETS["tiny"], n_layer=1)).eval(), []
 
     def scripted(idx, attention_mask=None, cache=None, select=None):  # call k answers the script's k-th token
         logits = torch.full((idx.shape[0], 50257), -1e9)
@@ -152,7 +152,7 @@ def test_bad_checkpoints_get_a_clear_error(tmp_path):
     """Catches a reward model accepted as a chat model (it would load its trunk and talk nonsense), and a missing
     path or a file that is no checkpoint failing with an unrelated error."""
     torch.manual_seed(0)
-    rm = reward.RewardModel(model.GPT(model.PRESETS["tiny"]))
+    rm = reward.RewardModel(gpt.GPT(gpt.PRESETS["tiny"]))
     rm.save(tmp_path / "rm")
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     cases = [(f"--models=rm:{tmp_path / 'rm'}", ValueError, "is a reward model"),

@@ -20,7 +20,7 @@ import torch
 import batching
 import common
 import data
-import model
+import model as gpt
 
 H, A = "\n\nHuman:", "\n\nAssistant:"
 MULTI_PROMPT = f"{H} Hi there{A} Hello! How can I help?{H} Name a fruit, please.{A}"
@@ -164,9 +164,9 @@ def test_prompt_and_response_tokens_decode_back_exactly():
     assert data.n_examples(tok) == len(pairs)
     for i, pair in enumerate(pairs):
         prompt, chosen, rejected = (ids.tolist() for ids in data.example(tok, i))
-        assert enc.decode(prompt) == pair["prompt"] and model.EOT not in prompt
+        assert enc.decode(prompt) == pair["prompt"] and gpt.EOT not in prompt
         for ids, text in ((chosen, pair["chosen"]), (rejected, pair["rejected"])):
-            assert ids[-1] == model.EOT and model.EOT not in ids[:-1], ids
+            assert ids[-1] == gpt.EOT and gpt.EOT not in ids[:-1], ids
             assert enc.decode(prompt + ids[:-1]) == pair["prompt"] + text
 
 
@@ -190,20 +190,20 @@ def test_truncation_follows_the_reference_rules():
     tok = data.tokenize_pairs(pairs, max_length, max_prompt_length)
     for i, pair in enumerate(pairs):
         full = {part: enc.encode_ordinary(pair[part]) for part in data.PARTS}
-        full["chosen"].append(model.EOT)
-        full["rejected"].append(model.EOT)
+        full["chosen"].append(gpt.EOT)
+        full["rejected"].append(gpt.EOT)
         too_long = len(full["prompt"]) + max(len(full["chosen"]), len(full["rejected"])) > max_length
         prompt, chosen, rejected = (ids.tolist() for ids in data.example(tok, i))
         assert prompt == (full["prompt"][-max_prompt_length:] if too_long else full["prompt"]), f"pair {i}"
         room = max_length - len(prompt)  # responses are cut to what the prompt leaves, not max_length - 32
         for part, ids in (("chosen", chosen), ("rejected", rejected)):
             assert ids == full[part][:room], f"pair {i} {part}: {len(ids)} tokens, room {room}"
-            assert (ids[-1] == model.EOT) == (len(full[part]) <= room), f"pair {i} {part}"
+            assert (ids[-1] == gpt.EOT) == (len(full[part]) <= room), f"pair {i} {part}"
         assert len(prompt) + max(len(chosen), len(rejected)) <= max_length
     assert len(data.example(tok, 3)[2]) == max_length - len(enc.encode_ordinary(prompt_short)), "cut to room"
     dropped = data.tokenize_pairs(pairs, max_length, max_prompt_length, truncation="drop")
     assert data.n_examples(dropped) == 1 and data.example(dropped, 0)[1].tolist() == enc.encode_ordinary(
-        pairs[0]["chosen"]) + [model.EOT]
+        pairs[0]["chosen"]) + [gpt.EOT]
     with pytest.raises(ValueError, match="max_prompt_length"):
         data.tokenize_pairs(pairs, max_length=32, max_prompt_length=32)
     with pytest.raises(ValueError, match="no pairs left"):
@@ -284,7 +284,7 @@ def check_row(batch, row, prompt, response, loss_on_prompt=False):
     T = batch["input_ids"].shape[1]
     seq = prompt + response
     n = len(seq) - 1
-    pad = [model.EOT] * (T - n)
+    pad = [gpt.EOT] * (T - n)
     assert batch["input_ids"][row].tolist() == seq[:-1] + pad, f"row {row} inputs"
     assert batch["target_ids"][row].tolist() == seq[1:] + pad, f"row {row} targets"
     start = 0 if loss_on_prompt else len(prompt) - 1

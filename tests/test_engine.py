@@ -1,4 +1,4 @@
-"""engine.py against the plain path it speeds up: model.GPT.generate, and the decoder that re-runs everything.
+"""engine.py against the plain path it speeds up: gpt.GPT.generate, and the decoder that re-runs everything.
 
 Every fast path must give the plain generate's tokens: the prepared (cast, on CPU packed) weights, the fp32 CPU cache
 and the compiled decode step. Each docstring names the bug its test would catch."""
@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import engine
-import model
-from model import GPT
+import model as gpt
 from test_model import SMALL, greedy_without_cache, small_with_biases
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
@@ -21,7 +20,7 @@ def seeded(seed: int = 3) -> torch.Generator:
 @pytest.mark.parametrize("kwargs", [dict(temperature=0), dict(temperature=1.0, top_k=20),
                                     dict(temperature=0.7, top_p=0.9), dict(temperature=1.0, num_samples=3)])
 def test_fast_generate_gives_the_plain_generates_tokens(kwargs):
-    """The default sampler of judge.py (prepared weights, packed on CPU, fp32 cache) against model.generate. Catches a
+    """The default sampler of judge.py (prepared weights, packed on CPU, fp32 cache) against gpt.generate. Catches a
     prepared Linear that drops its bias or uses another layer's weight, a head left out of the preparation (or cast
     to the compute dtype), the cache not copied per sample, and a row ending early that disturbs the others."""
     m = small_with_biases()
@@ -75,7 +74,7 @@ def test_generate_with_bf16_weights_samples_from_fp32_logits():
     logits then round to steps of ~0.25 and, in F.linear with the fp32 hidden state, raise a dtype error) and a
     cached fp32 head that drifts from the per-call logits path (GPT.forward, which the no-cache decoder uses)."""
     torch.manual_seed(0)
-    m = GPT(SMALL).eval().to(torch.bfloat16)
+    m = gpt.GPT(SMALL).eval().to(torch.bfloat16)
     prompts = [[1, 2, 3, 4, 5], [8, 9]]
     for generate in (m.generate, lambda *a, **k: engine.generate(m, *a, **k)):
         for p, got in zip(prompts, generate(prompts, 8, temperature=0, eos_id=-1)):
@@ -90,8 +89,8 @@ def test_the_cpu_cache_is_fp32_and_the_body_runs_in_the_autocast_dtype(monkeypat
     weights prepared in the wrong dtype, which give the same tokens and so pass the tests above."""
     m = small_with_biases()
     dtypes = []
-    init = model.KVCache.__init__
-    monkeypatch.setattr(model.KVCache, "__init__", lambda self, *a: dtypes.append(a[-1]) or init(self, *a))
+    init = gpt.KVCache.__init__
+    monkeypatch.setattr(gpt.KVCache, "__init__", lambda self, *a: dtypes.append(a[-1]) or init(self, *a))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         engine.generate(m, PROMPTS, 4)
         with engine.prepared(m, torch.bfloat16, rows=3) as weights:

@@ -10,10 +10,10 @@ import torch
 
 import data
 import frontier
-import model
+import model as gpt
 import reward
 
-TINY = model.PRESETS["tiny"]
+TINY = gpt.PRESETS["tiny"]
 
 
 def test_the_kl_estimate_scores_exactly_the_sampled_tokens():
@@ -22,11 +22,11 @@ def test_the_kl_estimate_scores_exactly_the_sampled_tokens():
     probability (or added to an answer cut by max_new_tokens, which never sampled it), and answers scored under the
     wrong prompt. Oracle: log_softmax of the model's logits over the whole sequence, by hand."""
     torch.manual_seed(0)
-    net = model.GPT(TINY).eval()
+    net = gpt.GPT(TINY).eval()
     s = frontier.Settings(max_new_tokens=3)
     prompts, answers = [[10, 11, 12], [20, 21]], [[5, 6], [7, 8, 9]]  # the first stopped early: EOT was drawn
     got = frontier.answer_logps(net, prompts, answers, s, torch.device("cpu"))
-    for prompt, answer, value in zip(prompts, [[5, 6, model.EOT], [7, 8, 9]], got):
+    for prompt, answer, value in zip(prompts, [[5, 6, gpt.EOT], [7, 8, 9]], got):
         seq = torch.tensor([prompt + answer])
         with torch.no_grad():
             logp = torch.log_softmax(net(seq[:, :-1])[0].double(), -1)
@@ -47,8 +47,8 @@ def tiny_demo(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "load_pairs", lambda dataset, split: data.synthetic_pairs(split, n=16))
     torch.manual_seed(0)
     for stage in ("base", "sft"):
-        model.save_model(model.GPT(TINY), tmp_path / "demo" / stage / "final")
-    rm = reward.RewardModel(model.GPT(TINY))
+        gpt.save_model(gpt.GPT(TINY), tmp_path / "demo" / stage / "final")
+    rm = reward.RewardModel(gpt.GPT(TINY))
     with torch.no_grad():
         rm.head.weight.normal_()
     rm.save(tmp_path / "demo" / "reward" / "final")

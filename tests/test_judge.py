@@ -16,7 +16,7 @@ import apiclient
 import common
 import data
 import judge
-import model
+import model as gpt
 import plot
 import report
 import sampling
@@ -323,7 +323,7 @@ def test_few_shot_prompt_for_the_base_model(tmp_path, monkeypatch):
         seen.setdefault(temperature, []).extend(prompts)
         return [[] for _ in prompts]
 
-    monkeypatch.setattr(model.GPT, "generate", fake_generate)
+    monkeypatch.setattr(gpt.GPT, "generate", fake_generate)
     enc = common.get_tokenizer()
     judge.main(SYNTHETIC + ["--models=base:tiny,sft:tiny", "--judge=none", "--temperatures=1.0", f"--out={tmp_path}"])
     base, sft = seen[1.0][:4], seen[1.0][4:]
@@ -331,7 +331,7 @@ def test_few_shot_prompt_for_the_base_model(tmp_path, monkeypatch):
     assert not any(enc.decode(ids).startswith(prefix) for ids in sft)
 
     seen.clear()
-    budget = model.PRESETS["tiny"].block_size - 246  # fewer tokens than any synthetic prompt has
+    budget = gpt.PRESETS["tiny"].block_size - 246  # fewer tokens than any synthetic prompt has
     judge.main(SYNTHETIC + ["--models=sft:tiny", "--judge=none", "--temperatures=1.0", "--max_new_tokens=246",
                             f"--out={tmp_path / 'long'}"])
     full = [enc.encode_ordinary(p["prompt"]) for p in sampling.eval_prompts("synthetic", 4, 0)]
@@ -355,14 +355,14 @@ def test_sampling_resumes_then_groundtruth_results_and_figures(tmp_path, monkeyp
 
     file.write_text("".join(json.dumps(r) + "\n" for r in samples[:3]))  # as if interrupted after 3 answers
     generated = []
-    generate = model.GPT.generate
+    generate = gpt.GPT.generate
     spy = lambda self, prompts, *a, **k: generated.extend(prompts) or generate(self, prompts, *a, **k)  # noqa: E731
-    monkeypatch.setattr(model.GPT, "generate", spy)
+    monkeypatch.setattr(gpt.GPT, "generate", spy)
     judge.main(argv)
     assert len(generated) == 8 - 3, f"resumed run generated {len(generated)} answers, 5 were missing"
     assert common.read_jsonl(file)[:3] == samples[:3] and len(common.read_jsonl(file)) == 8
 
-    monkeypatch.setattr(model, "load_model", lambda path: pytest.fail(f"loaded {path}: samples should be reused"))
+    monkeypatch.setattr(gpt, "load_model", lambda path: pytest.fail(f"loaded {path}: samples should be reused"))
     judge.main(argv)
 
     metrics = tmp_path / "dpo_run" / "metrics.jsonl"
@@ -379,7 +379,7 @@ def test_dpo_steps_give_figure_3_right(tmp_path):
     """Catches: intermediate checkpoints not found or not told apart (their step missing from the rows), and
     the win-rate-vs-step figure not drawn."""
     for step in (200, 100):
-        model.save_model(model.GPT(model.PRESETS["tiny"]), tmp_path / "dpo" / f"step_{step:06d}", {"step": step})
+        gpt.save_model(gpt.GPT(gpt.PRESETS["tiny"]), tmp_path / "dpo" / f"step_{step:06d}", {"step": step})
     rows = judge.main(SYNTHETIC + ["--models=sft:tiny", f"--dpo_steps={tmp_path / 'dpo'}", f"--out={tmp_path}",
                                    "--temperatures=0.5"])
     assert [(r["model"], r["step"]) for r in rows] == [
@@ -446,18 +446,18 @@ def test_a_checkpoint_overwritten_in_place_is_sampled_again(tmp_path, capsys):
     must resample, and an unchanged checkpoint must not."""
     ckpt = tmp_path / "dpo" / "final"
     torch.manual_seed(0)
-    model.save_model(model.GPT(model.PRESETS["tiny"]), ckpt)
+    gpt.save_model(gpt.GPT(gpt.PRESETS["tiny"]), ckpt)
     argv = SYNTHETIC + [f"--models=dpo:{ckpt}", f"--out={tmp_path / 'eval'}", "--temperatures=1.0"]
     file = tmp_path / "eval" / "samples" / "dpo.jsonl"
     first = judge.main(argv)
     before = common.read_jsonl(file)
     judge.main(argv)
     assert common.read_jsonl(file) == before and "sampling them again" not in capsys.readouterr().out
-    other = model.GPT(model.PRESETS["tiny"])  # other weights, same path, same size: a model that only says EOT
+    other = gpt.GPT(gpt.PRESETS["tiny"])  # other weights, same path, same size: a model that only says EOT
     with torch.no_grad():
         other.ln_f.weight.zero_()
-        other.ln_f.bias.copy_(1000 * other.wte.weight[model.EOT])  # every hidden state points at EOT's embedding
-    model.save_model(other, ckpt)
+        other.ln_f.bias.copy_(1000 * other.wte.weight[gpt.EOT])  # every hidden state points at EOT's embedding
+    gpt.save_model(other, ckpt)
     second = judge.main(argv)
     out = capsys.readouterr().out
     assert "4 stored answers" in out and "were made with fingerprint sha256:" in out, out
@@ -496,7 +496,7 @@ def test_samples_md_shows_answers_verdicts_and_the_judges_sentence(fake_openai, 
     that changes from run to run."""
     for seed, name in enumerate(("sft", "dpo")):  # two different models: their answers (and requests) differ
         torch.manual_seed(seed)
-        model.save_model(model.GPT(model.PRESETS["tiny"]), tmp_path / name)
+        gpt.save_model(gpt.GPT(gpt.PRESETS["tiny"]), tmp_path / name)
     argv = ["--dataset=synthetic", f"--models=sft:{tmp_path / 'sft'},dpo:{tmp_path / 'dpo'}", "--n=5", "--max_new_tokens=4", "--show=3",
             "--temperatures=0.5,1.0", f"--out={tmp_path}", "--timeout_s=5"]
     judge.main(argv)

@@ -8,13 +8,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import common
-import model
-from model import GPT, GPTConfig
+import model as gpt
 
-SMALL = GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=97, block_size=64)
+SMALL = gpt.GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=97, block_size=64)
 
 
-def hf_gpt2(config: GPTConfig, seed: int = 0):
+def hf_gpt2(config: gpt.GPTConfig, seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -42,7 +41,7 @@ def test_logits_match_transformers(tmp_path, layout):
         save_file(sd, tmp_path / "model.safetensors")
         cfg = {"n_layer": 2, "n_head": 4, "n_embd": 64, "vocab_size": 97, "n_positions": 64}
         (tmp_path / "config.json").write_text(json.dumps(cfg))
-    ours = model.load_model(str(tmp_path)).eval()
+    ours = gpt.load_model(str(tmp_path)).eval()
 
     # a batch of several lengths, left-padded, with the mask and positions transformers needs to match
     lengths = [17, 5, 11]
@@ -68,8 +67,8 @@ def test_our_checkpoint_loads_in_transformers(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(1)
-    ours = GPT(SMALL).eval()
-    model.save_model(ours, tmp_path / "ckpt", meta={"step": 3})
+    ours = gpt.GPT(SMALL).eval()
+    gpt.save_model(ours, tmp_path / "ckpt", meta={"step": 3})
     hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=97, n_positions=64)).eval()
     missing, unexpected = hf.transformer.load_state_dict(load_file(tmp_path / "ckpt" / "model.safetensors"), strict=False)
     assert not unexpected and all(k.endswith("attn.bias") for k in missing), (missing, unexpected)
@@ -77,7 +76,7 @@ def test_our_checkpoint_loads_in_transformers(tmp_path):
     with torch.no_grad():
         diff = (ours(idx) - hf(idx).logits).abs().max().item()
     assert diff <= 1e-4, diff
-    again = model.load_model(str(tmp_path / "ckpt"))
+    again = gpt.load_model(str(tmp_path / "ckpt"))
     assert again.config == SMALL
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["meta"] == {"step": 3}
 
@@ -87,7 +86,7 @@ def test_preset_parameter_counts():
     expected = {"gpt2": 124.44e6, "gpt2-medium": 354.82e6, "gpt2-large": 774.03e6, "gpt2-xl": 1557.61e6}
     for name, count in expected.items():
         with torch.device("meta"):
-            n = GPT(model.PRESETS[name]).num_params()
+            n = gpt.GPT(gpt.PRESETS[name]).num_params()
         assert abs(n - count) / count < 1e-3, f"{name}: {n / 1e6:.2f}M parameters, expected {count / 1e6:.2f}M"
 
 
@@ -95,10 +94,10 @@ def test_preset_parameter_counts():
 def test_safetensors_interop(tmp_path, dtype):
     """Our reader and writer against the reference package, byte-exact, for each float width."""
     tensors = {"a.weight": torch.randn(3, 5).to(dtype), "b": torch.randn(7).to(dtype), "c": torch.randn(2, 2, 2).to(dtype)}
-    model.write_safetensors(tmp_path / "ours.safetensors", tensors, {"format": "pt"})
+    gpt.write_safetensors(tmp_path / "ours.safetensors", tensors, {"format": "pt"})
     theirs = load_file(tmp_path / "ours.safetensors")
     save_file(tensors, tmp_path / "theirs.safetensors", metadata={"format": "pt"})
-    ours, meta = model.read_safetensors(tmp_path / "theirs.safetensors")
+    ours, meta = gpt.read_safetensors(tmp_path / "theirs.safetensors")
     assert meta == {"format": "pt"}
     for name, t in tensors.items():
         for got in (theirs[name], ours[name]):
@@ -151,31 +150,31 @@ def test_download_checks_sha256(file_server, tmp_path):
 def test_from_pretrained_via_hub_and_errors(file_server, tmp_path, monkeypatch):
     """A preset name goes to {HF_ENDPOINT}/openai-community/<name>/resolve/main/model.safetensors; 404 and an
     unreachable host give errors that name the URL and what to do."""
-    monkeypatch.setitem(model.PRESETS, "gpt2", SMALL)  # same protocol, a small file
+    monkeypatch.setitem(gpt.PRESETS, "gpt2", SMALL)  # same protocol, a small file
     hf_gpt2(SMALL).save_pretrained(tmp_path / "hf")
     file_server.files["/openai-community/gpt2/resolve/main/model.safetensors"] = (tmp_path / "hf" / "model.safetensors").read_bytes()
-    m = GPT.from_pretrained("gpt2")
+    m = gpt.GPT.from_pretrained("gpt2")
     assert m.config == SMALL
     with pytest.raises(common.DownloadError, match="no such file.*gpt2-medium.*404"):
-        model.load_model("gpt2-medium")
+        gpt.load_model("gpt2-medium")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
     with pytest.raises(common.DownloadError, match="HF_ENDPOINT.*local file"):
-        model.load_model("gpt2-large")
+        gpt.load_model("gpt2-large")
 
 
 def test_load_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model at"):
-        model.load_model(str(tmp_path / "nope"))
+        gpt.load_model(str(tmp_path / "nope"))
     save_file({"wte.weight": torch.zeros(97, 64), "wpe.weight": torch.zeros(64, 64)}, tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="match no GPT-2 preset"):
-        model.load_model(str(tmp_path / "x.safetensors"))
+        gpt.load_model(str(tmp_path / "x.safetensors"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Generation
 
 
-def greedy_without_cache(m: GPT, prompt: list[int], n: int) -> list[int]:
+def greedy_without_cache(m: gpt.GPT, prompt: list[int], n: int) -> list[int]:
     """The naive reference: re-run the whole sequence for every token."""
     seq = list(prompt)
     with torch.no_grad():
@@ -184,10 +183,10 @@ def greedy_without_cache(m: GPT, prompt: list[int], n: int) -> list[int]:
     return seq[len(prompt) :]
 
 
-def small_with_biases(seed: int = 0) -> GPT:
+def small_with_biases(seed: int = 0) -> gpt.GPT:
     """SMALL with non-zero biases and LayerNorm terms (GPT-2's init zeroes them), so a path that drops one shows."""
     torch.manual_seed(seed)
-    m = GPT(SMALL).eval()
+    m = gpt.GPT(SMALL).eval()
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name.endswith("bias") or ".ln_" in name:
@@ -197,7 +196,7 @@ def small_with_biases(seed: int = 0) -> GPT:
 
 def test_generate_cache_and_batching_match_naive():
     """Catches KV-cache indexing errors, wrong positions or masks under left padding, and a generation path (the
-    weights generate prepares, see model.Linear) that drops a bias."""
+    weights generate prepares, see gpt.Linear) that drops a bias."""
     m = small_with_biases()
     prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
     batched = m.generate(prompts, 12, temperature=0, eos_id=-1)
@@ -217,11 +216,11 @@ def test_generate_stops_at_eos_and_stop_strings():
     """Rows end independently; the stop string and anything after it are not returned."""
     enc = common.get_tokenizer()
     torch.manual_seed(0)
-    m = GPT(dataclasses.replace(SMALL, vocab_size=50257)).eval()
+    m = gpt.GPT(dataclasses.replace(SMALL, vocab_size=50257)).eval()
     # A scripted forward replaces the network: each token determines the next. Row 0 says " fine." then starts a
     # new Human turn, row 1 says " ok" then EOT, so row 1 leaves the batch first and row 0 goes on alone.
     # Generation must cut row 0 before the stop string and row 1 at EOT.
-    scripts = [[3] + enc.encode(" fine. Human: more"), [6] + enc.encode(" ok") + [model.EOT]]
+    scripts = [[3] + enc.encode(" fine. Human: more"), [6] + enc.encode(" ok") + [gpt.EOT]]
     successor = {a: b for s in scripts for a, b in zip(s, s[1:])}
     assert len(successor) == sum(len(s) - 1 for s in scripts), "scripts must not repeat a token"
 
@@ -238,7 +237,7 @@ def test_generate_stops_at_eos_and_stop_strings():
 
 def test_generate_seeded_sampling_is_reproducible():
     torch.manual_seed(0)
-    m = GPT(SMALL).eval()
+    m = gpt.GPT(SMALL).eval()
     run = lambda seed: m.generate([[1, 2], [3]], 10, temperature=1.0, top_k=20, top_p=0.9, eos_id=-1,  # noqa: E731
                                   generator=torch.Generator().manual_seed(seed))
     assert run(1) == run(1)
@@ -250,7 +249,7 @@ def test_num_samples_shares_the_prefill_and_equals_repeated_prompts():
     repeat_interleave puts prompt 1's keys under prompt 0's samples), a mask or position not copied, or samples of
     one prompt that are all the same draw. Same seed: n samples of each prompt must equal the prompts repeated."""
     torch.manual_seed(0)
-    m = GPT(SMALL).eval()
+    m = gpt.GPT(SMALL).eval()
     prompts, n = [[1, 2, 3, 4, 5], [6, 7]], 3
     g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
     shared = m.generate(prompts, 10, temperature=1.0, eos_id=-1, generator=g(), num_samples=n)
@@ -268,9 +267,9 @@ def test_top_k_and_top_p_filter_the_right_tokens():
     first two tokens may appear; with top_k=1 only the first."""
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().repeat(2000, 1)
     g = torch.Generator().manual_seed(0)
-    seen = set(model.sample_next(logits, 1.0, None, 0.75, g).tolist())
+    seen = set(gpt.sample_next(logits, 1.0, None, 0.75, g).tolist())
     assert seen == {0, 1}, seen
-    assert set(model.sample_next(logits, 1.0, 1, None, g).tolist()) == {0}
+    assert set(gpt.sample_next(logits, 1.0, 1, None, g).tolist()) == {0}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,7 +301,7 @@ def test_sampling_frequencies_match_the_softmax():
     searchsorted, or u drawn from the wrong range)."""
     probs = torch.tensor([0.1, 0.0, 0.6, 0.3])
     logits = probs.log().repeat(40_000, 1)
-    draws = model.sample_next(logits, 1.0, None, None, torch.Generator().manual_seed(0))
+    draws = gpt.sample_next(logits, 1.0, None, None, torch.Generator().manual_seed(0))
     freq = torch.bincount(draws, minlength=4).float() / len(draws)
     assert (freq - probs).abs().max() < 0.01, f"frequencies {freq.tolist()} vs probabilities {probs.tolist()}"
 
@@ -312,7 +311,7 @@ def test_temperature_divides_the_logits(temperature):
     """Catches a temperature that multiplies the logits instead of dividing them: at T = 1 both agree, and T = 0
     is argmax, so only a T other than 0 and 1 tells them apart. Frequencies must follow softmax(logits / T)."""
     logits = torch.tensor([2.0, 0.0, 1.0, -1.0])
-    draws = model.sample_next(logits.repeat(40_000, 1), temperature, None, None, torch.Generator().manual_seed(0))
+    draws = gpt.sample_next(logits.repeat(40_000, 1), temperature, None, None, torch.Generator().manual_seed(0))
     freq = torch.bincount(draws, minlength=4).float() / len(draws)
     want = (logits / temperature).softmax(-1)
     assert (freq - want).abs().max() < 0.01, f"T={temperature}: frequencies {freq.tolist()} vs {want.tolist()}"
@@ -326,7 +325,7 @@ def test_mlp_uses_gpt2s_tanh_gelu_over_a_realistic_range():
     from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
     torch.manual_seed(0)
-    ours = model.MLP(SMALL)
+    ours = gpt.MLP(SMALL)
     theirs = GPT2MLP(4 * SMALL.n_embd, GPT2Config(n_embd=SMALL.n_embd, activation_function="gelu_new",
                                                   resid_pdrop=0.0))
     with torch.no_grad():
@@ -345,7 +344,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     """Recomputing blocks in backward must not change the gradients (catches a checkpointed call that drops the
     mask argument or runs with different dropout state)."""
     torch.manual_seed(0)
-    m = GPT(SMALL)
+    m = gpt.GPT(SMALL)
     idx = torch.randint(0, 97, (2, 16))
     grads = []
     for flag in (False, True):

@@ -19,14 +19,14 @@ import data
 import dpo
 import engine
 import judge
-import model
+import model as gpt
 import plot
 import reward
 import sampling
 import sft
 
-SMALL = model.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=128)
-TINY = model.PRESETS["tiny"]  # judge.py's tests sample from the `tiny` preset
+SMALL = gpt.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=128)
+TINY = gpt.PRESETS["tiny"]  # judge.py's tests sample from the `tiny` preset
 FAST = dict(device="cpu", dtype="float32", warmup_steps=1, batch_size=16, micro_batch_size=8, max_length=128,
             max_prompt_length=64, eval_every=0, save_every=0, checkpoint_every=0, n_eval=128, optimizer="adamw")
 # fp32: the oracles score in fp32, and dtype=auto picks bf16 autocast on CPUs with native bf16 matmuls
@@ -46,7 +46,7 @@ def one_thread():
 def random_rm(config=SMALL, seed: int = 0) -> reward.RewardModel:
     """A reward model with a random (not zero) head, so that its rewards differ between answers."""
     torch.manual_seed(seed)
-    rm = reward.RewardModel(model.GPT(config))
+    rm = reward.RewardModel(gpt.GPT(config))
     torch.nn.init.normal_(rm.head.weight, std=1.0 / reward.HEAD_SCALE)  # rewards of order 1: |h| ~ 1 per unit
     return rm.eval()
 
@@ -97,7 +97,7 @@ def test_reward_is_read_at_the_last_real_token():
     tok = data.tokenize_pairs(PAIRS, max_length=128, max_prompt_length=64)
     batch = data.preference_batch(tok, range(len(PAIRS)))
     tokens, last = reward.reward_inputs(batch)
-    assert (last.sum(1) == 1).all() and (tokens[last] == model.EOT).all(), tokens[last]
+    assert (last.sum(1) == 1).all() and (tokens[last] == gpt.EOT).all(), tokens[last]
     with torch.no_grad():
         got = rm(tokens, last)
     rows = [data.example(tok, i)[:2] for i in range(len(PAIRS))] + [data.example(tok, i)[::2] for i in range(len(PAIRS))]
@@ -113,7 +113,7 @@ def test_the_zero_init_head_learns_faster_than_the_trunk():
     trunk not at all (its gradient is zero through w = 0) and each head weight by lr * sign(gradient), so the mean
     margin grows by exactly HEAD_SCALE * lr * sum_i |mean(h_w - h_l)_i|: a bare w . h head would give 1x that."""
     torch.manual_seed(0)
-    rm = reward.RewardModel(model.GPT(SMALL))
+    rm = reward.RewardModel(gpt.GPT(SMALL))
     tok = data.tokenize_pairs(PAIRS, max_length=128, max_prompt_length=64)
     tokens, last = reward.reward_inputs(data.preference_batch(tok, range(len(PAIRS))))
     with torch.no_grad():
@@ -138,7 +138,7 @@ def test_a_tiny_reward_model_learns_the_synthetic_preferences(tmp_path):
     train = data.tokenize_pairs(data.synthetic_pairs("train", n=480), max_length=128, max_prompt_length=64)
     test = data.tokenize_pairs(data.synthetic_pairs("test", n=128), max_length=128, max_prompt_length=64)
     torch.manual_seed(0)
-    rm = reward.RewardModel(model.GPT(SMALL))
+    rm = reward.RewardModel(gpt.GPT(SMALL))
     s = sft.Settings(**{**FAST, "lr": 1e-2, "max_steps": 30, "eval_every": 30, "out": str(tmp_path)})
     sft.train(s, rm, reward.reward_loss, lambda ids: data.preference_batch(train, ids),
               lambda ids: data.preference_batch(test, ids), 128, data.example_lengths(train, "pref"), "reward")
@@ -148,7 +148,7 @@ def test_a_tiny_reward_model_learns_the_synthetic_preferences(tmp_path):
 
 
 def test_checkpoint_layout_and_exact_resume(tmp_path):
-    """Catches a reward model saved as a plain GPT-2 (head lost) or with prefixed keys (model.load_model and
+    """Catches a reward model saved as a plain GPT-2 (head lost) or with prefixed keys (gpt.load_model and
     transformers could not read the trunk), a resume that restores the trunk but not the head or its Adam moments
     (2 + 2 resumed steps must equal 4 steps bit for bit), and a save that ignores the gathered weights FSDP hands it."""
     tok = data.tokenize_pairs(data.synthetic_pairs("train", n=64), max_length=128, max_prompt_length=64)
@@ -158,7 +158,7 @@ def test_checkpoint_layout_and_exact_resume(tmp_path):
         torch.manual_seed(seed)
         s = sft.Settings(**{**FAST, "lr": 1e-3, "max_steps": steps, "checkpoint_every": 2, "out": str(out)})
         batch = lambda ids: data.preference_batch(tok, ids)  # noqa: E731
-        return sft.train(s, reward.RewardModel(model.GPT(config)), reward.reward_loss, batch, batch, 16,
+        return sft.train(s, reward.RewardModel(gpt.GPT(config)), reward.reward_loss, batch, batch, 16,
                          data.example_lengths(tok, "pref"), "reward")
 
     straight = run(tmp_path / "straight", 4)
@@ -167,7 +167,7 @@ def test_checkpoint_layout_and_exact_resume(tmp_path):
     for k, v in straight.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), f"{k}: max abs diff {(v - resumed.state_dict()[k]).abs().max()}"
     final = tmp_path / "straight" / "final"
-    trunk = model.load_model(str(final))  # the trunk in the usual layout
+    trunk = gpt.load_model(str(final))  # the trunk in the usual layout
     assert all(torch.equal(v, straight.gpt.state_dict()[k]) for k, v in trunk.state_dict().items())
     loaded = reward.load_reward_model(final)
     assert torch.equal(loaded.head.weight, straight.head.weight) and straight.head.weight.abs().sum() > 0
@@ -183,9 +183,9 @@ def test_checkpoint_layout_and_exact_resume(tmp_path):
 # Scorers
 
 
-def save_dpo_like(directory: Path, m: model.GPT, beta: float, reference: str) -> None:
+def save_dpo_like(directory: Path, m: gpt.GPT, beta: float, reference: str) -> None:
     """A checkpoint as dpo.py writes it: its config.json records beta and the reference (--model)."""
-    model.save_model(m, directory, {"stage": "dpo", "step": 1, "settings": {"beta": beta, "model": reference}})
+    gpt.save_model(m, directory, {"stage": "dpo", "step": 1, "settings": {"beta": beta, "model": reference}})
 
 
 def test_implicit_scorer_equals_beta_log_ratio_from_dpo_py(tmp_path):
@@ -193,8 +193,8 @@ def test_implicit_scorer_equals_beta_log_ratio_from_dpo_py(tmp_path):
     itself, or the DPO run's reference when Best of N passes the sampler), or read from another beta: it must
     equal the rewards dpo.dpo_loss reports for dpo.concatenated_forward's log-probs."""
     torch.manual_seed(0)
-    policy, ref, sampler = model.GPT(SMALL), model.GPT(SMALL), model.GPT(SMALL)
-    model.save_model(ref, tmp_path / "sft")
+    policy, ref, sampler = gpt.GPT(SMALL), gpt.GPT(SMALL), gpt.GPT(SMALL)
+    gpt.save_model(ref, tmp_path / "sft")
     save_dpo_like(tmp_path / "dpo", policy, beta=0.3, reference=str(tmp_path / "sft"))
     tok = data.tokenize_pairs(PAIRS, max_length=128, max_prompt_length=64)
     batch = data.preference_batch(tok, range(len(PAIRS)))
@@ -210,7 +210,7 @@ def test_implicit_scorer_equals_beta_log_ratio_from_dpo_py(tmp_path):
         assert want.abs().min() > 1e-3, "policy and reference should differ"
 
 
-def unfused_logp(m: model.GPT, prompt: list[int], response: list[int]) -> float:
+def unfused_logp(m: gpt.GPT, prompt: list[int], response: list[int]) -> float:
     """log pi(response | prompt) from one unpadded forward and a plain log_softmax."""
     with torch.no_grad():
         logits = m(torch.tensor([prompt + response]))[0]
@@ -223,16 +223,16 @@ def test_accuracy_table_matches_a_hand_computation(tmp_path):
     pairs (a batch split at the wrong row), or computes the interval wrongly: each scorer's accuracy, margin and
     Wilson interval on 12 held-out pairs against per-pair unpadded scores and the formula written out here."""
     torch.manual_seed(0)
-    model.save_model(model.GPT(TINY), tmp_path / "sft")
+    gpt.save_model(gpt.GPT(TINY), tmp_path / "sft")
     rm = random_rm(TINY)
     rm.save(tmp_path / "rm")
     enc = common.get_tokenizer()
     pairs = data.synthetic_pairs("test")[:12]
-    lm = model.load_model(str(tmp_path / "sft")).eval()
+    lm = gpt.load_model(str(tmp_path / "sft")).eval()
     hand = {"sft": [], "rm": []}
     for p in pairs:
         prompt = enc.encode_ordinary(p["prompt"])
-        chosen, rejected = (enc.encode_ordinary(p[k]) + [model.EOT] for k in ("chosen", "rejected"))
+        chosen, rejected = (enc.encode_ordinary(p[k]) + [gpt.EOT] for k in ("chosen", "rejected"))
         hand["sft"].append(unfused_logp(lm, prompt, chosen) - unfused_logp(lm, prompt, rejected))
         hand["rm"].append(alone(rm, prompt, chosen) - alone(rm, prompt, rejected))
     judge.main(SYNTHETIC + ["--models=", "--judge=none", "--accuracy_n=12", "--batch_size=5", f"--out={tmp_path}",
@@ -280,7 +280,7 @@ def test_best_of_k_picks_the_argmax_of_the_first_k_per_prompt_and_temperature():
 def best_of_run(tmp_path):
     """A tiny sampler (the `tiny` preset, random) and a random reward model of the same shape, on disk."""
     torch.manual_seed(0)
-    model.save_model(model.GPT(TINY), tmp_path / "sft")
+    gpt.save_model(gpt.GPT(TINY), tmp_path / "sft")
     random_rm(TINY).save(tmp_path / "rm")
     return tmp_path, SYNTHETIC + [f"--models=sft:{tmp_path / 'sft'}", "--best_of=4", f"--scorer={tmp_path / 'rm'}",
                                   f"--out={tmp_path / 'eval'}"]
@@ -297,7 +297,7 @@ def test_best_of_n_pool_scores_selection_results_and_figures(best_of_run):
     assert all(len(set(r["responses"])) > 1 for r in pool), [r["responses"] for r in pool]
     enc, rm = common.get_tokenizer(), reward.load_reward_model(tmp_path / "rm").eval()
     for r in pool[:2]:
-        want = [alone(rm, enc.encode_ordinary(r["prompt"]), enc.encode_ordinary(x) + [model.EOT]) for x in r["responses"]]
+        want = [alone(rm, enc.encode_ordinary(r["prompt"]), enc.encode_ordinary(x) + [gpt.EOT]) for x in r["responses"]]
         assert r["scores"] == pytest.approx(want, abs=1e-4), (r["responses"], r["scores"], want)
     judged = [j for j in common.read_jsonl(tmp_path / "eval" / "judgments.jsonl") if j["model"] == "best_of_4"]
     assert len(judged) == 8
@@ -323,15 +323,15 @@ def test_best_of_n_sampling_resumes_after_a_kill(best_of_run, monkeypatch):
     lines = file.read_text().splitlines(keepends=True)
     file.write_text("".join(lines[:3]) + lines[3][:50])  # killed while writing the 4th row
     generated = []
-    generate = model.GPT.generate
+    generate = gpt.GPT.generate
     spy = lambda self, prompts, *a, **k: generated.extend(prompts) or generate(self, prompts, *a, **k)  # noqa: E731
-    monkeypatch.setattr(model.GPT, "generate", spy)
+    monkeypatch.setattr(gpt.GPT, "generate", spy)
     judge.main(argv)
     again = common.read_jsonl(file)
     assert len(generated) == 8 - 3, f"the resumed run sampled {len(generated)} prompts, 5 were missing"
     assert again[:3] == whole[:3] and len(again) == 8, (len(again), "rows kept or added wrongly")
     assert all(line.startswith("{") for line in file.read_text().splitlines()), "a torn line was continued"
-    model.save_model(model.GPT(TINY), tmp_path / "sft")  # the sampler retrained in place: its pool is stale
+    gpt.save_model(gpt.GPT(TINY), tmp_path / "sft")  # the sampler retrained in place: its pool is stale
     generated.clear()
     judge.main(argv)
     # 8 answers of the sft model itself (judge.py's stale-sample check) + the pool's 8 prompts

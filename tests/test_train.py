@@ -27,21 +27,21 @@ import common
 import data
 import dpo
 import engine
-import model
+import model as gpt
 import refcache
 import sft
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = model.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=128)  # 1.7M parameters, 1.6M of them wte
+SMALL = gpt.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=128)  # 1.7M parameters, 1.6M of them wte
 LOG2 = math.log(2)
 # Every run: CPU, fp32, full lr from the first step (warmup would scale step 1 by 1/150), no periodic work.
 FAST = dict(device="cpu", dtype="float32", warmup_steps=1, lr=1e-3, batch_size=8, micro_batch_size=2,
             max_length=128, max_prompt_length=64, eval_every=0, save_every=0, checkpoint_every=0, n_eval=8)
 
 
-def small_model(seed: int = 0, dropout: float = 0.0) -> model.GPT:
+def small_model(seed: int = 0, dropout: float = 0.0) -> gpt.GPT:
     torch.manual_seed(seed)
-    return model.GPT(dataclasses.replace(SMALL, dropout=dropout))
+    return gpt.GPT(dataclasses.replace(SMALL, dropout=dropout))
 
 
 def small_pairs(split: str = "train", n: int = 32) -> dict:
@@ -90,7 +90,7 @@ def records(out: Path, split: str) -> list[dict]:
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
-    return model.read_safetensors(Path(path))[0]
+    return gpt.read_safetensors(Path(path))[0]
 
 
 def max_abs_diff(a: dict, b: dict) -> tuple[float, str]:
@@ -150,7 +150,7 @@ def test_fused_logps_equal_unpadded_per_example_logps():
     want = []
     for side in ("chosen", "rejected"):
         for pair in PAIRS:
-            response = enc.encode_ordinary(pair[side]) + [model.EOT]
+            response = enc.encode_ordinary(pair[side]) + [gpt.EOT]
             want.append(unfused_logp(m, enc.encode_ordinary(pair["prompt"]), response))
     want = torch.tensor(want, dtype=torch.float64)
     # 1e-5, plus 1e-6 relative: an fp32 sum near -150 is only resolved to 1.5e-5 (one ulp). A one-token shift or
@@ -161,7 +161,7 @@ def test_fused_logps_equal_unpadded_per_example_logps():
         assert (diff <= tol).all(), f"{name} {got.tolist()}\nunfused {want.tolist()}\nmax abs diff {diff.max().item()}"
 
 
-def gpt2_like_logits_model() -> model.GPT:
+def gpt2_like_logits_model() -> gpt.GPT:
     """SMALL with GPT-2's logit magnitudes: every logit near -100 (here -104 to -91), as GPT-2's are. All token
     embeddings share a large direction u, and ln_f's bias pulls the final hidden state against it, so
     h . wte_i = h . e_i + h . (20 u) carries a common offset of about -100 (GPT-2 learned such a shared component).
@@ -199,14 +199,14 @@ def test_log_probs_under_bf16_autocast_match_fp32_at_gpt2_logit_sizes(cache):
     err = np.abs(tables["bfloat16"] - tables["float32"])
     assert err.max() <= 0.05, f"reference log-probs, bf16 vs fp32: errors {err.tolist()}, max {err.max()}"
 
-    sample_next = model.sample_next
+    sample_next = gpt.sample_next
     prompt = tok["prompt_ids"][: tok["prompt_offsets"][1]].tolist()
     for name, generate in (("model.generate", m.generate), ("engine.generate", partial(engine.generate, m))):
         seen = []
         spy = lambda logits, *a, **k: seen.append(logits) or sample_next(logits, *a, **k)  # noqa: E731
         for autocast in (torch.autocast("cpu", enabled=False), torch.autocast("cpu", dtype=torch.bfloat16)):
             with autocast, pytest.MonkeyPatch.context() as mp:
-                mp.setattr(model, "sample_next", spy)
+                mp.setattr(gpt, "sample_next", spy)
                 generate([prompt], 1, temperature=1.0)
         fp32, bf16 = seen
         assert bf16.dtype == torch.float32, f"{name} samples from {bf16.dtype} logits"
@@ -445,7 +445,7 @@ def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, gradients, loss
     assert len(gradients) == 4, len(gradients)
     for step in (0, 1):
         # the oracle: one plain backward of the mean loss over this step's global batch, from this step's weights
-        m = small_model() if step == 0 else model.load_model(str(tmp_path / "micro8" / "step_000001"))
+        m = small_model() if step == 0 else gpt.load_model(str(tmp_path / "micro8" / "step_000001"))
         losses, _ = loss_fn(m, batch_fn(batching.epoch_batches(lengths, s.batch_size, s.seed, 0)[step]))
         losses.mean().backward()
         direct = {name: p.grad for name, p in m.named_parameters()}
@@ -472,7 +472,7 @@ def test_warmup_starts_above_zero_and_reaches_the_peak(tmp_path):
     logged = [r["lr"] for r in records(tmp_path / "run", "train")]
     want = [s.lr / 3, 2 * s.lr / 3, s.lr, s.lr]
     assert logged == pytest.approx(want), f"lr schedule {logged}, expected {want}"
-    moved = max_abs_diff(tensors(tmp_path / "run" / "step_000001" / "model.safetensors"), model.ours_to_hf(start))
+    moved = max_abs_diff(tensors(tmp_path / "run" / "step_000001" / "model.safetensors"), gpt.ours_to_hf(start))
     assert moved[0] > 0, "the first optimizer step left every weight unchanged"
 
 
@@ -702,7 +702,7 @@ def runs(tmp_path_factory):
     that run's directory (latest/, metrics) without its final/. dpo runs train on SMALL_SPLITS, each with its own
     cache (name-cache/), so each computes its own reference table."""
     root = tmp_path_factory.mktemp("runs")
-    model.save_model(small_model(), root / "init")
+    gpt.save_model(small_model(), root / "init")
     driver = root / "driver.py"
     driver.write_text(DRIVER.format(root=str(ROOT), splits=SMALL_SPLITS))
 
@@ -783,7 +783,7 @@ def test_fsdp_holds_a_world_th_of_the_state(runs):
     alone for the README's memory table, must equal the measured ones exactly for both modes."""
     measured = {mode: records(runs("sft", mode), "memory")[0] for mode in ("ddp", "fsdp")}
     with torch.device("meta"):
-        shapes = model.GPT(SMALL)
+        shapes = gpt.GPT(SMALL)
     for mode, record in measured.items():
         computed = bench.state_per_rank(shapes, world=2, fsdp=mode == "fsdp")
         got = {k: record[k] for k in computed}
