@@ -98,9 +98,7 @@ class StaticKVCache:
     select = gpt.KVCache.select
 
     def __init__(self, config: gpt.GPTConfig, batch: int, max_len: int, device, dtype):
-        shape = (batch, config.n_head, max_len, config.n_embd // config.n_head)  # per layer (B, nh, S, hs)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        gpt.KVCache.__init__(self, config, batch, max_len, device, dtype)  # the same buffers, (B, nh, S, hs) per layer
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # a tensor: GPT.forward advances it in place
 
     def update(self, layer: int, k, v):
