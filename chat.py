@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-import common
 import data
 import model as gpt
 import reward
 import sampling
+from machinery import common
 
 
 @dataclasses.dataclass

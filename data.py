@@ -25,7 +25,7 @@ Reading order: download and parse HH (its quirks counted, one summary line), the
 the reference code's truncation (eric-mitchell/direct-preference-optimization), batches (SFT and [chosen; rejected]).
 
 Machinery it leans on: common.py (the resumable download, a corrupt .gz fetched again, the .npz cache of the
-tokenized arrays) and batching.py (the length-grouped, resumable order of the batches, and the evaluation subset).
+tokenized arrays) and batch_order.py (the length-grouped, resumable order of the batches, and the evaluation subset).
 """
 
 import dataclasses
@@ -39,9 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import batching
-import common
 import model as gpt
+from machinery import batch_order, common
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. HH-RLHF: download and parse
@@ -290,8 +289,9 @@ def tokenize_dataset(dataset: str, split: str, max_length: int = 512, max_prompt
     key = {
         "dataset": dataset, "split": split, "max_length": max_length, "max_prompt_length": max_prompt_length,
         "truncation": truncation,
-        # a re-downloaded or edited source file has a new size or mtime
-        "files": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
+        # the source itself: the files' content (a re-downloaded or edited file is new), or the generated pairs
+        "source": [common.content_id(f) for f in files] or hashlib.sha256(
+            json.dumps(load_pairs(dataset, split)).encode()).hexdigest(),
         # so does this file: any edit (parser, synthetic task, truncation) gives new arrays, never stale ones
         "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
     }
@@ -385,6 +385,11 @@ def preference_batch(tok: dict, indices) -> dict[str, torch.Tensor]:
                     + [(prompt, rejected) for prompt, _, rejected in examples])
 
 
+def split_pairs(rows):
+    """Anything with one entry per row of a preference batch (2B, ...) -> (its chosen half, its rejected half)."""
+    return rows[: len(rows) // 2], rows[len(rows) // 2 :]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -405,8 +410,8 @@ if __name__ == "__main__":
     lengths = example_lengths(tok, "pref")
     print(f"pair lengths (prompt + longer response): median {np.median(lengths):.0f}, max {lengths.max()}")
     for grouped in (False, True):
-        batches = batching.epoch_batches(lengths, 64, seed=0, epoch=0, group_by_length=grouped)
-        print(f"padding at batch size 64, group_by_length={grouped}: {batching.padding_fraction(lengths, batches):.1%}")
+        batches = batch_order.epoch_batches(lengths, 64, seed=0, epoch=0, group_by_length=grouped)
+        print(f"padding at batch size 64, group_by_length={grouped}: {batch_order.padding_fraction(lengths, batches):.1%}")
     enc = common.get_tokenizer()
     batch = preference_batch(tok, range(s.batch_size))
     for row, mask in enumerate(batch["loss_mask"]):

@@ -20,7 +20,7 @@ one goes down, each pair weighted by sigma(r_hat_l - r_hat_w), i.e. by how wrong
 ranks it now (Eq. 8's gradient). beta sets how far from pi_ref the policy may move: small beta, weak leash.
 
 The step is fused (as in the reference code): chosen and rejected are stacked into one batch [y_w; y_l],
-one forward pass gives both log-probs. The reference log-probs never change, so by default refcache.py computes
+one forward pass gives both log-probs. The reference log-probs never change, so by default reference_logps.py computes
 them once before training and caches them; the reference model is then freed. The training loop is sft.py's; only
 the loss differs. Beside Eq. 7 stand the variants people ask about (LOSSES), each at its equation; `make frontier`
 (frontier.py) trains them on the demo task and draws reward against KL, as the paper's Figure 2.
@@ -32,11 +32,10 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-import batching
 import data
-import parallel
-import refcache
+import model as gpt
 import sft
+from machinery import batch_order, reference_logps
 
 
 @dataclasses.dataclass
@@ -120,18 +119,49 @@ def unlikelihood_loss(policy_chosen_logps, policy_rejected_logps, rejected_unlik
 
 
 def concatenated_forward(model, batch):
-    """ONE forward over the stacked [chosen; rejected] rows (see data.py's diagram) -> two (B,) log-prob tensors.
+    """ONE forward over the stacked [chosen; rejected] rows (see data.py's diagram) -> (policy_chosen_logps (B,),
+    policy_rejected_logps (B,), token_logps (N,): each response token's log-prob, for the objectives that look
+    inside a response). One pass instead of two: a single bigger matmul per layer uses the GPU better, and with DDP
+    or FSDP it is one collective per layer instead of two."""
+    token_logps = sft.token_logps(model, batch)  # (N,) over both halves
+    return (*data.split_pairs(sft.per_row(token_logps, batch["loss_mask"])), token_logps)
 
-    One pass instead of two: a single bigger matmul per layer uses the GPU better, and with DDP or FSDP it is one
-    collective per layer instead of two."""
-    logps = sft.sequence_logps(model, batch)  # (2B,)
-    B = logps.shape[0] // 2
-    return logps[:B], logps[B:]
+
+def reference_of(batch):
+    """log pi_ref(y_w|x), log pi_ref(y_l|x) (B,) each: precomputed (reference_logps.py) or by the live reference."""
+    return batch["reference_chosen_logps"], batch["reference_rejected_logps"]
 
 
-LOSSES = {  # each objective and the settings it reads; setting one it does not read is an error (check_loss)
-    "dpo": ("beta",), "cdpo": ("beta", "label_smoothing"), "ipo": ("beta",), "reference_free": ("beta",),
-    "simpo": ("beta", "simpo_gamma"), "orpo": ("orpo_lambda",), "unlikelihood": ("unlikelihood_alpha",)}
+def lengths_of(batch):
+    """|y_w|, |y_l| (B,) each: the response tokens of each row, for the length-normalised objectives."""
+    return data.split_pairs(batch["loss_mask"].sum(-1).float())
+
+
+def rejected_unlikely(token_logps, batch):
+    """sum_t log(1 - pi(y_l,t | x, y_l,<t)) of each rejected row (B,); log(-expm1(log p)) is exact near p = 1, and
+    the clamp keeps p = 1 from giving -inf."""
+    return data.split_pairs(sft.per_row(torch.log(-torch.expm1(token_logps.clamp(max=-1e-6))), batch["loss_mask"]))[1]
+
+
+# --loss -> (its objective from (settings, batch, policy_chosen_logps, policy_rejected_logps, token_logps), returning
+# (losses, chosen_rewards, rejected_rewards) (B,) each; the settings it reads: moving another's knob is an error)
+LOSSES = {
+    "dpo": (lambda s, batch, chosen, rejected, tokens: dpo_loss(chosen, rejected, *reference_of(batch), s.beta),
+            ("beta",)),
+    "cdpo": (lambda s, batch, chosen, rejected, tokens: dpo_loss(chosen, rejected, *reference_of(batch), s.beta,
+                                                                 label_smoothing=s.label_smoothing),
+             ("beta", "label_smoothing")),
+    "ipo": (lambda s, batch, chosen, rejected, tokens: dpo_loss(chosen, rejected, *reference_of(batch), s.beta,
+                                                                ipo=True), ("beta",)),
+    "reference_free": (lambda s, batch, chosen, rejected, tokens: dpo_loss(chosen, rejected, *reference_of(batch),
+                                                                           s.beta, reference_free=True), ("beta",)),
+    "simpo": (lambda s, batch, chosen, rejected, tokens: simpo_loss(chosen, rejected, *lengths_of(batch), s.beta,
+                                                                    s.simpo_gamma), ("beta", "simpo_gamma")),
+    "orpo": (lambda s, batch, chosen, rejected, tokens: orpo_loss(chosen, rejected, *lengths_of(batch),
+                                                                  s.orpo_lambda), ("orpo_lambda",)),
+    "unlikelihood": (lambda s, batch, chosen, rejected, tokens: unlikelihood_loss(
+        chosen, rejected, rejected_unlikely(tokens, batch), s.unlikelihood_alpha), ("unlikelihood_alpha",)),
+}
 NO_REFERENCE = ("simpo", "orpo", "unlikelihood")  # no pi_ref at all (reference_free still logs beta log pi/pi_ref)
 
 
@@ -139,57 +169,59 @@ def check_loss(s: Settings) -> None:
     """--loss exists, and no knob of another loss was moved from its default: it would silently do nothing."""
     if s.loss not in LOSSES:
         raise SystemExit(f"--loss must be one of {', '.join(LOSSES)}, got {s.loss!r}")
-    default = Settings()
-    for knob in sorted({k for knobs in LOSSES.values() for k in knobs} - set(LOSSES[s.loss])):
+    default, reads = Settings(), LOSSES[s.loss][1]
+    for knob in sorted({k for _, knobs in LOSSES.values() for k in knobs} - set(reads)):
         if getattr(s, knob) != getattr(default, knob):
             raise SystemExit(f"--{knob}={getattr(s, knob)} is not used by --loss={s.loss}, which reads "
-                             f"{', '.join('--' + k for k in LOSSES[s.loss])}")
+                             f"{', '.join('--' + k for k in reads)}")
+    if s.reference not in ("precomputed", "live"):
+        raise SystemExit(f"--reference must be precomputed or live, got {s.reference!r}")
     if s.loss in NO_REFERENCE and s.reference != default.reference:
         raise SystemExit(f"--loss={s.loss} uses no reference model: drop --reference={s.reference}")
+
+
+def tie_tolerance(s: Settings, batch, policy_chosen_logps, policy_rejected_logps):
+    """The reward margin below which a pair is a tie, not a ranking, (B,) or 0. At step 0 (pi = pi_ref) every DPO
+    margin is 0 up to the fp32 rounding of its four summed log-probs, taken in other batches (the reference's were
+    precomputed): 1e-5 beta times their magnitudes covers it. Without a reference there is no such rounding."""
+    if "reference_chosen_logps" not in batch:
+        return 0.0
+    magnitudes = [policy_chosen_logps, policy_rejected_logps, *reference_of(batch)]
+    return 1e-5 * s.beta * sum(x.detach().abs() for x in magnitudes)
+
+
+def reward_metrics(s: Settings, batch, policy_chosen_logps, policy_rejected_logps, chosen_rewards, rejected_rewards):
+    """What the progress line and metrics.jsonl show of each pair (B,): its implicit rewards, whether they rank it
+    right (a tie is not right), the margin, and the log-probs of policy and reference."""
+    margin = chosen_rewards - rejected_rewards
+    tie = margin.abs() <= tie_tolerance(s, batch, policy_chosen_logps, policy_rejected_logps)
+    reference = dict(zip(("ref_logp_chosen", "ref_logp_rejected"), reference_of(batch))) \
+        if "reference_chosen_logps" in batch else {}
+    return reference | {
+        "reward_chosen": chosen_rewards,
+        "reward_rejected": rejected_rewards,
+        "reward_accuracy": ((margin > 0) & ~tie).float(),  # does it rank the pair right?
+        "reward_ties": tie.float(),  # neither way: every pair at step 0
+        "reward_margin": margin,
+        "logp_chosen": policy_chosen_logps.detach(),
+        "logp_rejected": policy_rejected_logps.detach(),
+    }
 
 
 def make_loss(s: Settings, reference=None):
     """loss_fn(model, batch) for sft.train; `reference` is the live model, or None to read precomputed logps."""
     check_loss(s)
+    objective = LOSSES[s.loss][0]
 
     def loss_fn(model, batch):
-        mask, tokens = batch["loss_mask"], sft.token_logps(model, batch)  # ONE forward over [chosen; rejected]
-        logps, lengths = sft.per_row(tokens, mask), mask.sum(-1).float()  # (2B,)
-        B = logps.shape[0] // 2
-        policy_chosen_logps, policy_rejected_logps = logps[:B], logps[B:]
-        metrics, noise = {}, 0.0
-        if s.loss in ("simpo", "orpo"):
-            knob = s.simpo_gamma if s.loss == "simpo" else s.orpo_lambda
-            args = (policy_chosen_logps, policy_rejected_logps, lengths[:B], lengths[B:])
-            out = simpo_loss(*args, s.beta, knob) if s.loss == "simpo" else orpo_loss(*args, knob)
-        elif s.loss == "unlikelihood":  # log(1 - p) = log(-expm1(log p)), exact for p near 1; p = 1 would be -inf
-            unlikely = sft.per_row(torch.log(-torch.expm1(tokens.clamp(max=-1e-6))), mask)[B:]
-            out = unlikelihood_loss(policy_chosen_logps, policy_rejected_logps, unlikely, s.unlikelihood_alpha)
-        else:
-            if reference is None:
-                reference_chosen_logps, reference_rejected_logps = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
-            else:
-                with torch.no_grad():
-                    reference_chosen_logps, reference_rejected_logps = concatenated_forward(reference, batch)
-            out = dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                           beta=s.beta, label_smoothing=s.label_smoothing, ipo=s.loss == "ipo",
-                           reference_free=s.loss == "reference_free")
-            metrics = {"ref_logp_chosen": reference_chosen_logps, "ref_logp_rejected": reference_rejected_logps}
-            # at step 0 (pi = pi_ref) every margin is 0 up to the fp32 rounding of four summed log-probs, taken in
-            # other batches (the reference's were precomputed): a tie, not a ranking
-            noise = 1e-5 * s.beta * (logps.detach().view(2, -1).abs().sum(0) + reference_chosen_logps.abs()
-                                     + reference_rejected_logps.abs())
-        losses, chosen_rewards, rejected_rewards = out
-        tie = (chosen_rewards - rejected_rewards).abs() <= noise
-        return losses, metrics | {
-            "reward_chosen": chosen_rewards,
-            "reward_rejected": rejected_rewards,
-            "reward_accuracy": ((chosen_rewards > rejected_rewards) & ~tie).float(),  # does it rank the pair right?
-            "reward_ties": tie.float(),  # neither way: every pair at step 0
-            "reward_margin": chosen_rewards - rejected_rewards,
-            "logp_chosen": policy_chosen_logps.detach(),
-            "logp_rejected": policy_rejected_logps.detach(),
-        }
+        if reference is not None:  # the frozen reference's log-probs of the same rows, without gradient
+            with torch.no_grad():
+                batch["reference_chosen_logps"], batch["reference_rejected_logps"], _ = concatenated_forward(reference, batch)
+        policy_chosen_logps, policy_rejected_logps, token_logps = concatenated_forward(model, batch)  # ONE forward
+        losses, chosen_rewards, rejected_rewards = objective(s, batch, policy_chosen_logps, policy_rejected_logps,
+                                                             token_logps)  # dpo: Eq. 7
+        return losses, reward_metrics(s, batch, policy_chosen_logps, policy_rejected_logps, chosen_rewards,
+                                      rejected_rewards)
 
     return loss_fn
 
@@ -198,32 +230,30 @@ def main(argv=None):
     prepared = sft.prepare(Settings, argv, "DPO")
     if prepared is None:
         return
-    s, train_data, eval_data = prepared
+    s, run, train_data, eval_data = prepared
     policy = sft.load_policy(s)
     reference = copy.deepcopy(policy)  # the same weights, frozen (load_model("tiny") again: another random init)
     reference.requires_grad_(False)
-    # only the held-out pairs that sft.train evaluates (it then takes all of them): their reference log-probs,
-    # not those of all ~8.5K HH test pairs
-    eval_data = data.select_examples(eval_data, batching.eval_subset(data.n_examples(eval_data), s.n_eval, s.seed))
-    train_batch = lambda ids: data.preference_batch(train_data, ids)  # noqa: E731
-    eval_batch = lambda ids: data.preference_batch(eval_data, ids)  # noqa: E731
-    check_loss(s)
+    live = s.loss not in NO_REFERENCE and s.reference == "live"
+    loss_fn = make_loss(s, reference.to(run.device).eval() if live else None)  # checks --loss and its knobs
     if s.loss == "orpo":
         print("--loss=orpo: ORPO does its own SFT and needs no reference: train it from a base model (--model), not "
               "from an SFT checkpoint")
-    if s.loss in NO_REFERENCE:
-        loss_fn = make_loss(s)
-    elif s.reference == "precomputed":
-        train_batch = refcache.with_reference(train_batch, refcache.reference_logps(s, reference, train_data, "train"))
-        eval_batch = refcache.with_reference(eval_batch, refcache.reference_logps(s, reference, eval_data, "test"))
-        loss_fn = make_loss(s)
-    elif s.reference == "live":
-        loss_fn = make_loss(s, reference.to(parallel.setup(s).device).eval())
-    else:
-        raise SystemExit(f"--reference must be precomputed or live, got {s.reference!r}")
+    # only the held-out pairs that sft.train evaluates (it then takes all of them): their reference log-probs,
+    # not those of all ~8.5K HH test pairs
+    eval_data = data.select_examples(eval_data, batch_order.eval_subset(data.n_examples(eval_data), s.n_eval, s.seed))
+    train_batch = lambda ids: data.preference_batch(train_data, ids)  # noqa: E731
+    eval_batch = lambda ids: data.preference_batch(eval_data, ids)  # noqa: E731
+    if s.loss not in NO_REFERENCE and s.reference == "precomputed":
+        weights = gpt.weights_id(s.model)  # keys the cache: a retrained SFT model must never reuse old tables
+        logps = lambda model, batch: concatenated_forward(model, batch)[:2]  # noqa: E731
+        tables = [reference_logps.precompute(s, run, reference, weights, tok, split, batch_fn, logps)
+                  for split, tok, batch_fn in (("train", train_data, train_batch), ("test", eval_data, eval_batch))]
+        train_batch, eval_batch = (reference_logps.with_reference(fn, table)
+                                   for fn, table in zip((train_batch, eval_batch), tables))
     del reference  # precomputed: its log-probs are all we need from it; live: loss_fn holds it
     lengths = data.example_lengths(train_data, "pref")
-    sft.train(s, policy, loss_fn, train_batch, eval_batch, data.n_examples(eval_data), lengths, stage="dpo")
+    sft.train(s, policy, loss_fn, train_batch, eval_batch, data.n_examples(eval_data), lengths, "dpo", run)
 
 
 if __name__ == "__main__":

@@ -37,14 +37,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-import common
 import data
 import dpo
-import engine
 import model as gpt
 import reward
 import sampling
 import sft
+from machinery import common, fast_generate
 
 
 @dataclasses.dataclass
@@ -96,7 +95,7 @@ def answer_logps(net, prompts: list[list[int]], answers: list[list[int]], s: Set
     out = []
     with torch.no_grad():
         for i in range(0, len(rows), 100):
-            batch = {k: v.to(device) for k, v in data.pad_rows(rows[i : i + 100]).items()}
+            batch = common.to_device(data.pad_rows(rows[i : i + 100]), device)
             out += sft.sequence_logps(net, batch).tolist()
     return out
 
@@ -112,7 +111,7 @@ def sample(net, prompts: list[list[int]], s: Settings, device, num_samples: int 
     generator, answers = torch.Generator(device).manual_seed(s.seed), []
     per_call = max(1, 100 // num_samples)
     for i in range(0, len(prompts), per_call):
-        answers += engine.generate(net, prompts[i : i + per_call], s.max_new_tokens, temperature=1.0,
+        answers += fast_generate.generate(net, prompts[i : i + per_call], s.max_new_tokens, temperature=1.0,
                                    generator=generator, num_samples=num_samples)
     return answers
 

@@ -24,8 +24,8 @@ The API key comes from $OPENAI_API_KEY only, and the endpoint from $OPENAI_BASE_
 the key is sent in one header and never printed or written anywhere.
 
 This file holds the judge's prompt, the one REST call, the verdict, and the statistics (Wilson interval, length-
-controlled win rate). Machinery it leans on: apiclient.py (retries, the thread pool, a clean stop, the bill),
-evalstore.py (what is reused from disk), report.py (results.md, samples.md, accuracy.md). Stage 1 is sampling.py,
+controlled win rate). Machinery it leans on: openai_client.py (retries, the thread pool, a clean stop, the bill),
+answer_store.py (what is reused from disk), results_tables.py (results.md, samples.md, accuracy.md). Stage 1 is sampling.py,
 which samples through engine.py.
 """
 
@@ -39,13 +39,10 @@ from pathlib import Path
 import numpy as np
 import requests
 
-import apiclient
-import common
 import data
-import evalstore
-import report
 import reward
 import sampling
+from machinery import common, openai_client, results_tables
 
 # ----------------------------------------------------------------------------------------------------------------
 # Settings
@@ -165,7 +162,7 @@ def openai_judgment(body: dict, s: Settings, base_url: str, api_key: str, stop) 
     send = lambda: chat_completion(body, base_url, api_key, s.timeout_s)  # noqa: E731
     usage, requests_sent = {"prompt_tokens": 0, "completion_tokens": 0}, 0
     for _ in range(2):
-        answer, tries = apiclient.post_with_retries(send, s, base_url, api_key, stop)
+        answer, tries = openai_client.post_with_retries(send, s, base_url, api_key, stop)
         requests_sent += tries
         if answer is None:
             return None
@@ -223,15 +220,15 @@ def judge_all(comparisons: list[dict], s: Settings, out: Path) -> list[dict]:
     elif todo:
         api_key = os.environ.get("OPENAI_API_KEY", "")
         if not api_key:
-            raise apiclient.JudgeError(f"OPENAI_API_KEY is not set; export it to judge {len(todo)} comparisons "
+            raise openai_client.JudgeError(f"OPENAI_API_KEY is not set; export it to judge {len(todo)} comparisons "
                                        "(samples are saved and will be reused), or use --dataset=synthetic "
                                        "--judge=groundtruth")
         base_url = os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1").rstrip("/")
-        apiclient.print_estimate(base_url, [bodies[i]["messages"][0]["content"] for i in todo],
+        openai_client.print_estimate(base_url, [bodies[i]["messages"][0]["content"] for i in todo],
                                  common.get_tokenizer(), s.price_input, s.price_output)
-        apiclient.run_all(lambda i, stop: openai_judgment(bodies[i], s, base_url, api_key, stop), todo,
+        openai_client.run_all(lambda i, stop: openai_judgment(bodies[i], s, base_url, api_key, stop), todo,
                           s.concurrency, record)
-        apiclient.print_usage([cache[keys[i]] for i in todo], s.price_input, s.price_output)
+        openai_client.print_usage([cache[keys[i]] for i in todo], s.price_input, s.price_output)
     judgments = []
     for c, k in zip(comparisons, keys):
         j = {**cache[k], **{f: c[f] for f in COMPARISON_FIELDS + ("response", "chosen")}}  # from an identical request
@@ -346,7 +343,7 @@ def preference_accuracy(s: Settings, out: Path) -> list[str]:
         name, _, spec = item.partition(":")
         if not name or not spec:
             raise ValueError(f"--accuracy takes name:scorer pairs separated by commas, got {item!r}")
-        key = json.dumps([spec, evalstore.scorer_fingerprint(spec), s.dataset, s.accuracy_n])
+        key = json.dumps([spec, reward.scorer_id(spec), s.dataset, s.accuracy_n])
         if key not in cached:
             score, _ = reward.load_scorer(spec, device)
             margins = reward.pair_margins(score, tok, s.accuracy_n, device, dtype, s.batch_size)
@@ -356,17 +353,17 @@ def preference_accuracy(s: Settings, out: Path) -> list[str]:
                            "accuracy": correct / len(margins), "ci_low": lo, "ci_high": hi,
                            "mean_margin": sum(margins) / len(margins)}
         rows.append({**cached[key], "name": name})
-    return report.write_accuracy(rows, s.dataset, out)
+    return results_tables.write_accuracy(rows, s.dataset, out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def write_samples(rows: list[dict], s: Settings, temperature: float, out: Path) -> None:
-    """samples.md (report.write_samples) of the models of --models and Best of N; not the --dpo_steps checkpoints,
+    """samples.md (results_tables.write_samples) of the models of --models and Best of N; not the --dpo_steps checkpoints,
     nor the swap check's copies."""
     rows = [j for j in rows if j["model"] != sampling.STEPS_MODEL and not j.get("swap")]
-    report.write_samples(rows, temperature, s.seed, s.show, out, query_text)
+    results_tables.write_samples(rows, temperature, s.seed, s.show, out, query_text)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -415,8 +412,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      "decides them, as a judge forced to answer A or B would, so about half of them count as wins.")
     notes += [""] + accuracy if accuracy else []
     if swapped:
-        notes.append(report.swap_summary(list(zip([judgments[i] for i in picked], judgments[len(comparisons) :]))))
-    report.write_results(rows, out, notes)
+        notes.append(results_tables.swap_summary(list(zip([judgments[i] for i in picked], judgments[len(comparisons) :]))))
+    results_tables.write_results(rows, out, notes)
     write_samples(judgments[: len(comparisons)], s, show_temperature, out)
     print(f"next: python plot.py --out={out}")
     return rows
@@ -425,5 +422,5 @@ def main(argv: list[str] | None = None) -> list[dict]:
 if __name__ == "__main__":
     try:
         main()
-    except apiclient.JudgeError as e:
+    except openai_client.JudgeError as e:
         raise SystemExit(f"judge.py: {e}")

@@ -9,26 +9,26 @@ The GPT-2 network (Radford et al. 2019), in the layout of nanoGPT:
             x = x + mlp(ln_2(x))       Linear(d, 4d) -> GELU(tanh) -> Linear(4d, d)
 
 Reading order: the layers, the KV cache, `GPT` (logits for every position, or for the few a loss needs) and its
-`generate` (batched, left-padded, KV-cached sampling), the safetensors format by hand, the Hugging Face key map.
+`generate` (batched, left-padded, KV-cached sampling), then loading the hub's weights: the key map, our checkpoints.
 
-It leans on common.py (downloads, device, dtype, settings, atomic directory swaps) and head.py (training's exact
-log-probs in bounded memory). engine.py is the fast way to call `generate` (weights cast and packed once per call,
-the decode step compiled): sampling.py samples through it; tests/test_engine.py checks it gives generate's tokens.
+It leans on the machinery package below it: common.py (downloads, device, settings, atomic directory swaps, content
+hashes), safetensors_file.py (the file format, by hand) and vocab_head.py (training's exact log-probs in bounded
+memory). machinery/fast_generate.py is the fast way to call `generate` (weights cast and packed once per call, the
+decode step compiled): sampling.py samples through it; tests/machinery/test_fast_generate.py checks it gives
+generate's tokens.
 """
 
 import dataclasses
 import json
 import math
-import struct
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
-import head
+from machinery import common, vocab_head
+from machinery.safetensors_file import read_safetensors, write_safetensors
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. The network
@@ -156,12 +156,19 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied lm_head counted once; wpe included, as HF does
 
+    # machinery/checkpoints.py saves and restores any model through these two (reward.py's has its own)
+    def save(self, directory: Path, meta: dict | None = None, state_dict: dict | None = None) -> None:
+        save_model(self, directory, meta, state_dict)
+
+    def load(self, directory: Path) -> dict:
+        return load_model(str(directory)).state_dict()
+
     def forward(self, idx, attention_mask=None, cache: KVCache | None = None, select=None, hidden: bool = False,
                 targets=None):
         """idx (B, T) token ids -> logits (B, T, V) for every position, or (N, V) for the N positions where the
         bool mask `select` (B, T) is True: the vocabulary projection is the largest matmul of a small GPT-2 (and its
         (B, T, 50257) output the largest tensor), so training computes it only where a loss needs it. Or, given
-        targets (N,), log pi(target) at those positions, (N,) fp32, exactly and in bounded memory (head.py); or with
+        targets (N,), log pi(target) at those positions, (N,) fp32, exactly and in bounded memory (vocab_head.py); or with
         hidden=True, the final hidden states (after ln_f), on which a reward model puts its own head.
         Training passes idx, select and targets (right-padded batches need no mask: causal attention never looks
         right). Generation passes a KV cache (its first `cache.pos` positions filled, this call's T tokens next) and
@@ -188,7 +195,7 @@ class GPT(nn.Module):
             cache.pos += T
         x = self.ln_f(x if select is None else x[select])  # (B, T, C) or (N, C)
         if targets is not None:
-            return head.response_logprobs(x, self.lm_head.weight, targets)  # (N,)
+            return vocab_head.response_logprobs(x, self.lm_head.weight, targets)  # (N,)
         return x if hidden else self.logits(x)  # (B, T, V) or (N, V)
 
     def logits(self, x):
@@ -318,58 +325,7 @@ def cut_at_stop(tokens: list[int], stop: tuple[str, ...], decode) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 3. safetensors, by hand
-#
-#   [ 8 bytes: N, little-endian uint64 ][ N bytes: JSON header, space-padded ][ raw tensor bytes ... ]
-#   header = {"wte.weight": {"dtype": "F32", "shape": [50257, 768], "data_offsets": [begin, end]}, ...,
-#             "__metadata__": {"format": "pt"}}      offsets count from the first byte after the header.
-# Tensors are stored row-major and little-endian, so a tensor is one contiguous byte range.
-
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-          "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-assert sys.byteorder == "little", "safetensors is little-endian; this reader does not byte-swap"
-
-
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Returns (tensors, metadata). Reads one tensor at a time, so peak memory is about the file's size."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        metadata = header.pop("__metadata__", {}) or {}
-        tensors = {}
-        for name, info in header.items():
-            begin, end = info["data_offsets"]
-            f.seek(8 + n + begin)
-            buf = bytearray(f.read(end - begin))  # writable buffer: torch.frombuffer warns on read-only ones
-            if len(buf) != end - begin:
-                raise ValueError(f"{path}: truncated file ({name} needs bytes {begin}-{end}); download it again")
-            dtype = DTYPES[info["dtype"]]
-            t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
-            tensors[name] = t.reshape(info["shape"])
-    return tensors, metadata
-
-
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    header, offset = {}, 0
-    for name in sorted(tensors):
-        t = tensors[name]
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    if metadata:
-        header["__metadata__"] = metadata
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # pad so the tensor data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for name in sorted(tensors):
-            t = tensors[name].detach().cpu().contiguous()
-            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 4. Loading Hugging Face GPT-2 weights and our checkpoints
+# 3. Loading Hugging Face GPT-2 weights and our checkpoints
 #
 # The hub files hold GPT-2 in the layout of its original TensorFlow code, as `transformers` keeps it:
 #   - keys without a prefix ("h.0.attn.c_attn.weight"); `save_pretrained` writes them as "transformer.h.0...";
@@ -389,8 +345,8 @@ def hf_to_ours(hf: dict[str, torch.Tensor], path) -> dict[str, torch.Tensor]:
         if key.endswith((".attn.bias", ".attn.masked_bias")):
             continue
         sd[key] = t.t() if key.endswith(CONV1D) else t
-    head = sd.pop("lm_head.weight", None)
-    if head is not None and "wte.weight" in sd and not torch.equal(head, sd["wte.weight"]):
+    lm_head = sd.pop("lm_head.weight", None)
+    if lm_head is not None and "wte.weight" in sd and not torch.equal(lm_head, sd["wte.weight"]):
         raise ValueError(f"{path}: lm_head.weight differs from wte.weight; this GPT-2 ties them")
     return sd
 
@@ -418,6 +374,18 @@ def _config_from(path: Path, sd: dict[str, torch.Tensor]) -> GPTConfig:
                      "put a config.json (n_layer, n_head, n_embd, vocab_size, n_positions) beside it")
 
 
+def weights_file(path) -> Path:
+    """The weights of a checkpoint directory (its model.safetensors), or the .safetensors file given."""
+    return Path(path) / "model.safetensors" if Path(path).is_dir() else Path(path)
+
+
+def weights_id(name_or_path: str) -> str:
+    """What identifies a model's weights, for every cache that depends on them: "preset:<name>" for a preset (hub
+    weights are fixed; "tiny" is a random init seeded by --seed), else "sha256:<16 hex>" of the weights' content
+    (common.content_id): retraining into the same path must never bring back results of the old weights."""
+    return f"preset:{name_or_path}" if name_or_path in PRESETS else common.content_id(weights_file(name_or_path))
+
+
 def load_model(name_or_path: str) -> GPT:
     """A hub preset name ("gpt2", ...) downloads; "tiny" is a random init; otherwise a local file or directory."""
     if name_or_path in HUB_MODELS:
@@ -426,9 +394,7 @@ def load_model(name_or_path: str) -> GPT:
     elif name_or_path in PRESETS:
         return GPT(PRESETS[name_or_path])
     else:
-        path = Path(name_or_path)
-        if path.is_dir():
-            path = path / "model.safetensors"
+        path = weights_file(name_or_path)
         if not path.exists():
             raise FileNotFoundError(f"no model at {path}: give a preset ({', '.join(PRESETS)}), a .safetensors "
                                     "file or a directory holding model.safetensors")

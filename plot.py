@@ -25,9 +25,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed (servers, CI)
 import matplotlib.pyplot as plt
 
-import common
 import model as gpt
 import sampling
+from machinery import common
 
 
 @dataclasses.dataclass

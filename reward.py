@@ -38,11 +38,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
 import data
 import dpo
 import model as gpt
 import sft
+from machinery import common
 
 
 @dataclasses.dataclass
@@ -152,9 +152,7 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards):
 
 def reward_loss(model, batch):
     """loss_fn for sft.train: one forward over the stacked [chosen; rejected] rows, Bradley-Terry per pair."""
-    rewards = model(*reward_inputs(batch))  # (2B,)
-    B = rewards.shape[0] // 2
-    chosen, rejected = rewards[:B], rewards[B:]
+    chosen, rejected = data.split_pairs(model(*reward_inputs(batch)))  # (B,) each
     margin = (chosen - rejected).detach()
     return bradley_terry_loss(chosen, rejected), {
         "accuracy": (margin > 0).float(),  # the held-out preference accuracy, at every evaluation
@@ -180,6 +178,13 @@ def parse_scorer(spec: str) -> tuple[str, str]:
     """A spec of the table above -> (kind: rm, implicit or likelihood; the checkpoint it reads)."""
     kind, _, path = spec.partition(":") if spec.startswith(("implicit:", "likelihood:")) else ("rm", "", spec)
     return kind, path
+
+
+def scorer_id(spec: str) -> str | None:
+    """model.weights_id of the checkpoint a spec reads, or None when there is none (load_scorer says why): what keys
+    the cached scores and accuracies."""
+    path = gpt.weights_file(parse_scorer(spec)[1])
+    return gpt.weights_id(str(path)) if path.exists() else None
 
 
 def load_scorer(spec: str, device, reference: gpt.GPT | None = None):
@@ -220,7 +225,7 @@ def score_responses(score, prompts: list[list[int]], responses: list[list[int]],
         rows.append((prompt[len(prompt) - max(1, max_length - len(response)):], response))
     rewards = []
     for i in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in data.pad_rows(rows[i : i + batch_size]).items()}
+        batch = common.to_device(data.pad_rows(rows[i : i + batch_size]), device)
         with common.autocast(device, dtype):
             rewards += score(batch).float().tolist()
     return rewards
@@ -233,11 +238,10 @@ def pair_margins(score, tok: dict, n: int, device, dtype, batch_size: int) -> li
     margins = []
     with torch.no_grad():
         for i in range(0, n, batch_size):
-            batch = {k: v.to(device) for k, v in data.preference_batch(tok, range(i, min(i + batch_size, n))).items()}
+            batch = common.to_device(data.preference_batch(tok, range(i, min(i + batch_size, n))), device)
             with common.autocast(device, dtype):
-                rewards = score(batch).float()
-            B = rewards.shape[0] // 2
-            margins += (rewards[:B] - rewards[B:]).tolist()
+                chosen, rejected = data.split_pairs(score(batch).float())
+            margins += (chosen - rejected).tolist()
     return margins
 
 

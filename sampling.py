@@ -7,8 +7,8 @@ dialogues of Anthropic HH's test split at several temperatures; the base model i
 never seen the dialogue format. Best of N, the paper's fourth baseline, samples N answers per prompt from the SFT
 model and keeps the one a reward model scores highest (reward.py).
 
-Reading order: the prompts and their few-shot prefix, where an answer ends, the sampling loop (through engine.py,
-whose weights are prepared once per call), the answers of one model (reused from disk through evalstore.py when
+Reading order: the prompts and their few-shot prefix, where an answer ends, the sampling loop (through fast_generate.py,
+whose weights are prepared once per call), the answers of one model (reused from disk through answer_store.py when
 the same weights made them), then Best of N: the scored pool and best-of-k read from it.
 """
 
@@ -19,12 +19,10 @@ from pathlib import Path
 
 import torch
 
-import common
 import data
-import engine
-import evalstore
 import model as gpt
 import reward
+from machinery import answer_store, common, fast_generate
 
 STOP = ("\n\nHuman:",)  # an answer ends where the model starts writing the user's next turn
 STEPS_MODEL = "dpo_steps"  # model name of the --dpo_steps checkpoints in the results (plot.py looks for it)
@@ -135,7 +133,7 @@ def sample_batches(name: str, path: str, missing: list[tuple[float, dict]], s, s
             batch = todo[i : i + per_call]
             ids = [enc.encode_ordinary(prefix + p["prompt"]) for p in batch]
             with common.autocast(device, dtype):  # prompts cut from the left: the end of the dialogue matters most
-                new = engine.generate(net, [x[-budget:] for x in ids], s.max_new_tokens, temperature=t, stop=STOP,
+                new = fast_generate.generate(net, [x[-budget:] for x in ids], s.max_new_tokens, temperature=t, stop=STOP,
                                       decode=enc.decode, generator=gen, num_samples=num_samples, compiled=s.compile)
             texts = [clean_response(enc.decode(out)) for out in new]
             scores = None
@@ -153,9 +151,9 @@ def sample_model(name: str, path: str, prompts: list[dict], s, file: Path) -> li
     only if the same weights (their content hash) and the same generation settings made them."""
     step = checkpoint_step(path)
     shots = s.shots if name == "base" or path in gpt.HUB_MODELS else 0
-    generation = {"fingerprint": evalstore.weights_fingerprint(path), "max_new_tokens": s.max_new_tokens,
+    generation = {"fingerprint": gpt.weights_id(path), "max_new_tokens": s.max_new_tokens,
                   "shots": shots, "seed": s.seed}  # everything that changes the answers, besides prompt and temperature
-    done = evalstore.stored_answers(name, path, file, generation)
+    done = answer_store.stored_answers(name, path, file, generation)
     missing = [(t, p) for t in s.temperatures for p in prompts if (t, p["prompt"], p["chosen"]) not in done]
     if missing:
         print(f"sample {name} ({path}): {len(missing)} answers to generate, {len(done)} reused from {file}")
@@ -195,10 +193,10 @@ def sample_best_of(path: str, prompts: list[dict], s, file: Path) -> list[dict]:
     appended to `file` one generate call at a time (a killed run loses at most that call). Rows made by other
     weights (sampler or scorer retrained in place), another N, max_new_tokens or seed are sampled again."""
     N, key = s.best_of, lambda t, p: (t, p["prompt"], p["chosen"])  # noqa: E731
-    generation = {"sampler": path, "scorer": s.scorer, "sampler_fingerprint": evalstore.weights_fingerprint(path),
-                  "scorer_fingerprint": evalstore.scorer_fingerprint(s.scorer), "max_new_tokens": s.max_new_tokens,
+    generation = {"sampler": path, "scorer": s.scorer, "sampler_fingerprint": gpt.weights_id(path),
+                  "scorer_fingerprint": reward.scorer_id(s.scorer), "max_new_tokens": s.max_new_tokens,
                   "seed": s.seed}
-    done = evalstore.stored_pool(file, generation, N)
+    done = answer_store.stored_pool(file, generation, N)
     missing = [(t, p) for t in s.temperatures for p in prompts if key(t, p) not in done]
     if missing:
         print(f"best of {N} from {path}: {len(missing)} prompts x {N} answers to generate, {len(done)} reused")

@@ -22,8 +22,8 @@ the optimizer state, and gradients are averaged in backward (DistributedDataPara
 over the processes instead (FSDP2): 12 bytes per parameter become 12 / world. --offload=true also moves the shards
 and the optimizer step to the CPU. Checkpoints are the same files in every mode.
 
-Machinery it leans on, so that `train` reads as the loop alone: parallel.py (processes, DDP, FSDP2, offload,
-gradient sync, memory accounting) and checkpoint.py (exact resume, atomic saves, Ctrl-C); common.py for the
+Machinery it leans on, so that `train` reads as the loop alone: distributed.py (processes, DDP, FSDP2, offload,
+gradient sync, memory accounting) and checkpoints.py (exact resume, atomic saves, Ctrl-C); common.py for the
 settings parser, the device and dtype, and autocast.
 
 A run directory holds config.json (the settings), metrics.jsonl, latest/ (everything needed to resume exactly),
@@ -40,12 +40,9 @@ from pathlib import Path
 
 import torch
 
-import batching
-import checkpoint
-import common
 import data
 import model as gpt
-import parallel
+from machinery import batch_order, checkpoints, common, distributed
 
 
 @dataclasses.dataclass
@@ -139,12 +136,13 @@ def make_optimizer(s: Settings, model, device):
     raise SystemExit(f"--optimizer must be rmsprop or adamw, got {s.optimizer!r}")
 
 
-def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, lengths, stage: str):
+def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, lengths, stage: str, run=None):
     """Train `model` with `loss_fn(model, batch) -> (per-example losses (B,), {metric: (B,)})`. train_batch(indices)
     and eval_batch(indices) -> dict of tensors (input_ids, target_ids, loss_mask, ...) for those training / held-out
     examples (n_eval of them; `evaluate` takes a seeded subset). `lengths`, one per training example, drive the
-    length-grouped, seeded, resumable batch order (batching.py)."""
-    run = parallel.setup(s)
+    length-grouped, seeded, resumable batch order (batch_order.py). run: prepare's distributed.Run (built here if
+    not given)."""
+    run = run or distributed.setup(s)
     master, out, settings = run.rank == 0, Path(s.out), common.settings_dict(s)
     if master:
         print(f"device {run.device}, {run.dtype}: {run.reason}; {run.world} process(es)")
@@ -152,13 +150,13 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
         (out / "config.json").write_text(json.dumps(settings, indent=2))
     if s.eval_every and min(s.n_eval, n_eval) < run.world:  # every rank must evaluate something (all_reduce shapes)
         raise SystemExit(f"--n_eval={s.n_eval} (held-out set: {n_eval}) must be at least the number of processes {run.world}")
-    raw_model = parallel.place(model, s, run)  # what we save: never the compiled or DDP wrapper, so keys stay plain
+    raw_model = distributed.place(model, s, run, gpt.Block)  # what we save: never the compiled or DDP wrapper, so keys stay plain
     optimizer = make_optimizer(s, raw_model, run.device)  # after sharding: it must hold the sharded parameters
-    step = checkpoint.resume(out, raw_model, optimizer, master) if s.resume else 0
-    scaler = parallel.grad_scaler(s, run)  # fp16 only: scales the loss up, unscales the gradients before clipping
-    model = parallel.wrap(torch.compile(raw_model) if s.compile else raw_model, s, run)  # DDP with several processes
+    step = checkpoints.resume(out, raw_model, optimizer, master) if s.resume else 0
+    scaler = distributed.grad_scaler(s, run)  # fp16 only: scales the loss up, unscales the gradients before clipping
+    model = distributed.wrap(torch.compile(raw_model) if s.compile else raw_model, s, run)  # DDP with several processes
     epoch_order = functools.lru_cache(maxsize=1)(  # the batches of an epoch, in order: (seed, epoch) decide them
-        lambda epoch: batching.epoch_batches(lengths, s.batch_size, s.seed, epoch, s.group_by_length))
+        lambda epoch: batch_order.epoch_batches(lengths, s.batch_size, s.seed, epoch, s.group_by_length))
     batches_per_epoch = len(epoch_order(0))
     total = s.max_steps or s.epochs * batches_per_epoch
 
@@ -174,7 +172,7 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
 
     model.train()
     t0, tokens_seen, start_step = time.time(), 0, step
-    with parallel.process_group(run), checkpoint.ctrl_c_finishes_the_step(master and run.world == 1) as interrupted:
+    with distributed.process_group(run), checkpoints.ctrl_c_finishes_the_step(master and run.world == 1) as interrupted:
         while step < total:
             epoch, index = divmod(step, batches_per_epoch)
             batch_ids = epoch_order(epoch)[index]  # the global batch of this step, e.g. (64,) example indices
@@ -186,16 +184,16 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
                 log_eval()
             if s.save_every and step % s.save_every == 0 and step > 0:
                 meta = {"stage": stage, "step": step, "settings": settings}
-                checkpoint.save_weights(raw_model, out / f"step_{step:06d}", meta, master)
+                checkpoints.save_weights(raw_model, out / f"step_{step:06d}", meta, master)
 
             # Each rank takes every world-th example of the global batch and runs it in micro-batches.
             mine = batch_ids[run.rank :: run.world]
             micro = [mine[i : i + s.micro_batch_size] for i in range(0, len(mine), s.micro_batch_size)]
             sums, count = {}, torch.zeros((), device=run.device)
             for i, ids in enumerate(micro):
-                batch = to_device(train_batch(ids), run.device)
+                batch = common.to_device(train_batch(ids), run.device)
                 tokens_seen += batch["input_ids"].numel() * run.world
-                with parallel.gradient_sync(model, raw_model, s, run, last=i == len(micro) - 1):
+                with distributed.gradient_sync(model, raw_model, s, run, last=i == len(micro) - 1):
                     with common.autocast(run.device, run.dtype):
                         losses, metrics = loss_fn(model, batch)
                     # Gradient of the mean over the global batch: each micro-batch contributes sum / rows of the
@@ -204,7 +202,7 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
                     loss = losses.sum() * run.world / (len(batch_ids) * rows_per_example)
                     scaler.scale(loss).backward()
                 count += add_sums(sums, losses, metrics)
-            stats = parallel.reduce_mean(sums, count, run)
+            stats = distributed.reduce_mean(sums, count, run)
             if not math.isfinite(stats["loss"]):
                 raise RuntimeError(f"non-finite loss ({stats['loss']}) at step {step}; latest/ keeps the last good "
                                    "checkpoint. Lower --lr, or try --dtype=float32 to rule out fp16 overflow.")
@@ -213,7 +211,7 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
             scaler.step(optimizer)
             scaler.update()
             if step == start_step:  # once, while gradients and optimizer state exist: what each process holds
-                parallel.log_state(raw_model, optimizer, s, run, step + 1, log)
+                distributed.log_state(raw_model, optimizer, s, run, step + 1, log)
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
@@ -221,42 +219,38 @@ def train(s: Settings, model, loss_fn, train_batch, eval_batch, n_eval: int, len
             elapsed = time.time() - t0
             tok_s, eta = tokens_seen / elapsed, (total - step) * elapsed / (step - start_step)
             log({"step": step, "split": "train", "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s,
-                 "mem_gb": parallel.peak_memory_gb(run.device), **stats})
+                 "mem_gb": distributed.peak_memory_gb(run.device), **stats})
             if master:
                 shown = "  ".join(f"{k} {v:.4f}" for k, v in stats.items())
                 print(f"{stage} step {step}/{total}  {shown}  lr {lr:.2e}  {tok_s:,.0f} tok/s  ETA {eta / 60:.1f} min",
                       flush=True)
             if s.checkpoint_every and step % s.checkpoint_every == 0 or interrupted():
-                checkpoint.save_checkpoint(out / "latest", raw_model, optimizer, step, settings, master)
+                checkpoints.save_checkpoint(out / "latest", raw_model, optimizer, step, settings, master)
             if interrupted():
                 print(f"interrupted: saved {out / 'latest'} at step {step}; run the same command to resume")
                 sys.exit(130)
         if s.eval_every:
             log_eval()
-        checkpoint.save_checkpoint(out / "latest", raw_model, optimizer, step, settings, master)
-        checkpoint.save_weights(raw_model, out / "final", {"stage": stage, "step": step, "settings": settings}, master)
+        checkpoints.save_checkpoint(out / "latest", raw_model, optimizer, step, settings, master)
+        checkpoints.save_weights(raw_model, out / "final", {"stage": stage, "step": step, "settings": settings}, master)
         if master:
             print(f"saved {out / 'final'}")
     return raw_model
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def evaluate(model, loss_fn, eval_batch, n_eval: int, s: Settings, run) -> dict[str, float]:
     """Mean loss and metrics over the seeded held-out subset, each rank a share of it, summed over the ranks."""
     model.eval()
     sums, count = {}, torch.zeros((), device=run.device)
-    ids = batching.eval_subset(n_eval, s.n_eval, s.seed).tolist()[run.rank :: run.world]  # a seeded subset
+    ids = batch_order.eval_subset(n_eval, s.n_eval, s.seed).tolist()[run.rank :: run.world]  # a seeded subset
     with torch.no_grad():
-        for chunk in parallel.eval_chunks(ids, s.micro_batch_size, min(s.n_eval, n_eval), run, s.fsdp):
+        for chunk in distributed.eval_chunks(ids, s.micro_batch_size, min(s.n_eval, n_eval), run, s.fsdp):
             with common.autocast(run.device, run.dtype):
-                losses, metrics = loss_fn(model, to_device(eval_batch(chunk or ids[:1]), run.device))
+                losses, metrics = loss_fn(model, common.to_device(eval_batch(chunk or ids[:1]), run.device))
             if chunk:  # an empty chunk only keeps FSDP's ranks in step
                 count += add_sums(sums, losses, metrics)
     model.train()
-    return parallel.reduce_mean(sums, count, run)
+    return distributed.reduce_mean(sums, count, run)
 
 
 def add_sums(sums: dict, losses, metrics: dict) -> int:
@@ -285,22 +279,24 @@ def load_policy(s: Settings):
 
 
 def prepare(settings_class, argv, stage: str):
-    """Parse settings and tokenize the data; None when the run already finished (stages skip done work)."""
+    """Parse settings, join the processes (distributed.Run, built once here and passed down) and tokenize the data;
+    None when the run already finished (stages skip done work)."""
     s = common.parse_settings(settings_class, argv)
-    if (Path(s.out) / "final" / "model.safetensors").exists():
+    if gpt.weights_file(Path(s.out) / "final").exists():
         print(f"{s.out}/final exists: {stage} already done (delete it to train again)")
         return None
     print(json.dumps(common.settings_dict(s), indent=2))
+    run = distributed.setup(s)
     kw = dict(max_length=s.max_length, max_prompt_length=s.max_prompt_length, truncation=s.truncation)
-    with parallel.rank_zero_first(s):
-        return s, data.tokenize_dataset(s.dataset, "train", **kw), data.tokenize_dataset(s.dataset, "test", **kw)
+    with distributed.rank_zero_first(run):
+        return s, run, data.tokenize_dataset(s.dataset, "train", **kw), data.tokenize_dataset(s.dataset, "test", **kw)
 
 
 def main(argv=None):
     prepared = prepare(Settings, argv, "training")
     if prepared is None:
         return
-    s, train_data, eval_data = prepared
+    s, run, train_data, eval_data = prepared
     if s.train_on not in ("chosen", "all"):
         raise SystemExit(f"--train_on must be chosen or all, got {s.train_on!r}")
     on, stage = ("response", "sft") if s.train_on == "chosen" else ("all", "pretrain")
@@ -311,7 +307,7 @@ def main(argv=None):
         print(f"--sft_targets=one_per_prompt: {data.n_examples(train_data)} training examples, one per prompt")
     train(s, load_policy(s), sft_loss, lambda ids: data.sft_batch(train_data, ids, on=on),
           lambda ids: data.sft_batch(eval_data, ids, on=on), data.n_examples(eval_data),
-          data.example_lengths(train_data, "sft" if on == "response" else "pref"), stage)
+          data.example_lengths(train_data, "sft" if on == "response" else "pref"), stage, run)
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-import common
+from machinery import common
 
 os.environ["TIKTOKEN_CACHE_DIR"] = tempfile.mkdtemp(prefix="tiktoken-")  # never touch the user's cache
 common.seed_tiktoken_cache()

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import chat
-import common
 import data
 import model as gpt
 import reward
+from machinery import common
 
 ENC = common.get_tokenizer()
 

@@ -1,14 +1,14 @@
-"""engine.py against the plain path it speeds up: gpt.GPT.generate, and the decoder that re-runs everything.
+"""fast_generate.py against the plain path it speeds up: gpt.GPT.generate, and the decoder that re-runs everything.
 
 Every fast path must give the plain generate's tokens: the prepared (cast, on CPU packed) weights, the fp32 CPU cache
 and the compiled decode step. Each docstring names the bug its test would catch."""
 
 import pytest
 import torch
-
-import engine
-import model as gpt
 from test_model import SMALL, greedy_without_cache, small_with_biases
+
+import model as gpt
+from machinery import fast_generate
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
 
@@ -26,7 +26,7 @@ def test_fast_generate_gives_the_plain_generates_tokens(kwargs):
     m = small_with_biases()
     eos = m.generate(PROMPTS, 12, temperature=0, eos_id=-1)[1][2]  # row 1 ends early, the others go on
     want = m.generate(PROMPTS, 12, eos_id=eos, generator=seeded(), **kwargs)
-    got = engine.generate(m, PROMPTS, 12, eos_id=eos, generator=seeded(), **kwargs)
+    got = fast_generate.generate(m, PROMPTS, 12, eos_id=eos, generator=seeded(), **kwargs)
     assert got == want, kwargs
     if kwargs["temperature"] == 0:
         assert len(got[1]) <= 2 and len(got[0]) == 12  # greedy: row 1 ended early, and left the batch
@@ -41,28 +41,28 @@ def test_compiled_generation_matches_eager():
     eos = m.generate(PROMPTS, 12, temperature=0, eos_id=-1)[1][2]  # row 1 ends early, the others go on
     for kwargs in (dict(temperature=0), dict(temperature=1.0, top_k=20)):  # seeded: the same draws in both
         want = m.generate(PROMPTS, 12, eos_id=eos, generator=seeded(), **kwargs)
-        got = engine.generate(m, PROMPTS, 12, eos_id=eos, generator=seeded(), compiled=True, **kwargs)
+        got = fast_generate.generate(m, PROMPTS, 12, eos_id=eos, generator=seeded(), compiled=True, **kwargs)
         assert got == want, kwargs
         assert len(got[0]) == 12 and len(got[1]) <= 2  # row 1 ends early in both (with these seeds)
     # judge.py's paths: an fp32 model sampled under bf16 autocast, several answers per prompt (Best of N)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         kwargs = dict(temperature=1.0, num_samples=2)
-        want = engine.generate(m, PROMPTS, 12, generator=seeded(), **kwargs)
-        assert engine.generate(m, PROMPTS, 12, generator=seeded(), compiled=True, **kwargs) == want
+        want = fast_generate.generate(m, PROMPTS, 12, generator=seeded(), **kwargs)
+        assert fast_generate.generate(m, PROMPTS, 12, generator=seeded(), compiled=True, **kwargs) == want
 
 
 def test_prepared_weights_live_for_the_call_only():
-    """engine.generate casts (on CPU also packs) every weight once per call; catches prepared copies that outlive the
+    """fast_generate.generate casts (on CPU also packs) every weight once per call; catches prepared copies that outlive the
     call, also one that fails midway: training would then run on detached copies and its gradients would never reach
     the weights."""
     m = small_with_biases()
-    engine.generate(m, [[1, 2, 3]], 4, temperature=0)
+    fast_generate.generate(m, [[1, 2, 3]], 4, temperature=0)
 
     def fail(tokens):
         raise RuntimeError("decode failed")
 
     with pytest.raises(RuntimeError, match="decode failed"):
-        engine.generate(m, [[1, 2, 3]], 4, temperature=0, stop=("x",), decode=fail)
+        fast_generate.generate(m, [[1, 2, 3]], 4, temperature=0, stop=("x",), decode=fail)
     assert "logits" not in m.__dict__ and not any("forward" in lin.__dict__ for lin in m.modules())
     m.train()
     m(torch.tensor([[1, 2, 3, 4]])).logsumexp(-1).mean().backward()
@@ -76,14 +76,14 @@ def test_generate_with_bf16_weights_samples_from_fp32_logits():
     torch.manual_seed(0)
     m = gpt.GPT(SMALL).eval().to(torch.bfloat16)
     prompts = [[1, 2, 3, 4, 5], [8, 9]]
-    for generate in (m.generate, lambda *a, **k: engine.generate(m, *a, **k)):
+    for generate in (m.generate, lambda *a, **k: fast_generate.generate(m, *a, **k)):
         for p, got in zip(prompts, generate(prompts, 8, temperature=0, eos_id=-1)):
             assert got == greedy_without_cache(m, p, 8), (got, greedy_without_cache(m, p, 8))
     assert m.lm_head.weight.dtype == torch.bfloat16  # the fp32 copy is the call's own, not a change to the model
 
 
 def test_the_cpu_cache_is_fp32_and_the_body_runs_in_the_autocast_dtype(monkeypatch):
-    """The speed choices engine.generate makes, wired as its docstring says: under bf16 autocast on CPU the weights
+    """The speed choices fast_generate.generate makes, wired as its docstring says: under bf16 autocast on CPU the weights
     are prepared in bf16 (not left in fp32, which autocast would cast again at every product), the head in fp32, and
     the KV cache is fp32 (attention over one query per row is ~3x faster there). Catches a swapped cache dtype and
     weights prepared in the wrong dtype, which give the same tokens and so pass the tests above."""
@@ -92,8 +92,8 @@ def test_the_cpu_cache_is_fp32_and_the_body_runs_in_the_autocast_dtype(monkeypat
     init = gpt.KVCache.__init__
     monkeypatch.setattr(gpt.KVCache, "__init__", lambda self, *a: dtypes.append(a[-1]) or init(self, *a))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        engine.generate(m, PROMPTS, 4)
-        with engine.prepared(m, torch.bfloat16, rows=3) as weights:
+        fast_generate.generate(m, PROMPTS, 4)
+        with fast_generate.prepared(m, torch.bfloat16, rows=3) as weights:
             body, head = weights[0], weights[-1]
     assert dtypes == [torch.float32], dtypes
     assert body.dtype == torch.bfloat16 and head.dtype == torch.float32, (body.dtype, head.dtype)

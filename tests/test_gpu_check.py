@@ -9,10 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gpu_check
 import pytest
 import torch
-
-import gpu_check
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""head.py against what it replaces: the plain fp32 head (all N rows of logits at once, autograd's log-softmax), and
+"""vocab_head.py against what it replaces: the plain fp32 head (all N rows of logits at once, autograd's log-softmax), and
 fp64 for the split-bf16 product. Each docstring names the bug its test would catch."""
 
 import pytest
@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import head
+from machinery import vocab_head
 
 EMULATED = lambda a, b: a.float() @ b.float().t()  # noqa: E731  bf16 inputs, fp32 products: torch.mm's out_dtype
 
 
 def plain(hidden, weight, targets):
-    """The head before head.py: (N, V) fp32 logits, log-softmax, the targets' entries."""
+    """The head before vocab_head.py: (N, V) fp32 logits, log-softmax, the targets' entries."""
     return -F.cross_entropy(F.linear(hidden.float(), weight.float()), targets, reduction="none")
 
 
@@ -36,10 +36,10 @@ def test_log_probs_and_gradients_equal_the_plain_head(n, chunk, keep, monkeypatc
     GPU's KEEP_BYTES) or kept from forward (a CPU's). Catches a chunk boundary off by one (rows skipped or done
     twice), a short last chunk lost, kept logits used for the wrong chunk, a sign error in the softmax gradient, the
     target's one-hot term missing, and the head's gradient overwritten by each chunk instead of summed over them."""
-    monkeypatch.setattr(head, "KEEP_BYTES", {"cpu": keep})
+    monkeypatch.setattr(vocab_head, "KEEP_BYTES", {"cpu": keep})
     hidden, weight, targets, upstream = small(n)
     want = grads(plain, hidden, weight, targets, upstream)
-    got = grads(lambda h, w, t: head.response_logprobs(h, w, t, chunk), hidden, weight, targets, upstream)
+    got = grads(lambda h, w, t: vocab_head.response_logprobs(h, w, t, chunk), hidden, weight, targets, upstream)
     for name, a, b in zip(("log-probs", "d hidden", "d head"), got, want):
         diff = (a - b).abs().max().item()
         assert diff <= 1e-5 * max(1.0, b.abs().max().item()), f"{name}: max abs diff {diff}"
@@ -50,7 +50,7 @@ def test_no_tensor_holds_more_than_a_chunk_of_logits(keep, monkeypatch):
     """The point of the chunks: no (N, V) tensor is ever alive, in forward or backward. Catches logits (or their
     softmax, or its gradient) computed for all N rows at once, and kept chunks joined into one. Every tensor an op
     creates is inspected."""
-    monkeypatch.setattr(head, "KEEP_BYTES", {"cpu": keep})
+    monkeypatch.setattr(vocab_head, "KEEP_BYTES", {"cpu": keep})
     hidden, weight, targets, upstream = small(40)
     V, C, chunk = weight.shape[0], weight.shape[1], 8
     shapes = []
@@ -63,7 +63,7 @@ def test_no_tensor_holds_more_than_a_chunk_of_logits(keep, monkeypatch):
             return out
 
     with Record():
-        grads(lambda h, w, t: head.response_logprobs(h, w, t, chunk), hidden, weight, targets, upstream)
+        grads(lambda h, w, t: vocab_head.response_logprobs(h, w, t, chunk), hidden, weight, targets, upstream)
     logits_like = [s for s in shapes if V in s and len(s) == 2 and s != (V, C)]
     assert logits_like and all(min(s) <= chunk for s in logits_like), sorted(set(logits_like))
     with Record():  # the check itself can fail: the plain head does hold all rows
@@ -77,12 +77,12 @@ def test_a_gpu_keeps_only_the_last_chunk_and_a_cpu_keeps_within_its_budget(monke
     never used (CPU paying for recomputation it has the memory to skip)."""
     hidden, weight, targets, upstream = small(40)
     projected = []
-    project = head.project
-    monkeypatch.setattr(head, "project", lambda h, w, split: projected.append(len(h)) or project(h, w, split))
+    project = vocab_head.project
+    monkeypatch.setattr(vocab_head, "project", lambda h, w, split: projected.append(len(h)) or project(h, w, split))
     for keep, products in ((0, [8] * 5 + [8] * 4), (5 * 8 * 300 * 4, [8] * 5), (2 * 8 * 300 * 4, [8] * 5 + [8] * 2)):
-        monkeypatch.setattr(head, "KEEP_BYTES", {"cpu": keep})
+        monkeypatch.setattr(vocab_head, "KEEP_BYTES", {"cpu": keep})
         projected.clear()
-        grads(lambda h, w, t: head.response_logprobs(h, w, t, 8), hidden, weight, targets, upstream)
+        grads(lambda h, w, t: vocab_head.response_logprobs(h, w, t, 8), hidden, weight, targets, upstream)
         assert projected == products, (keep, projected)
 
 
@@ -91,17 +91,17 @@ def test_the_split_product_is_exact_where_bf16_is_not():
     (bf16 parts, fp32 products), within 0.05 nat of fp64 on the summed log-prob, where one bf16 product is not.
     Catches a dropped cross term (h_hi W_lo or h_lo W_hi), a `lo` part rounded from the wrong residual, swapped
     operands, and the oracle's own blindness (bf16 must fail it)."""
-    hidden, weight, targets = head.gpt2_sized(128)
+    hidden, weight, targets = vocab_head.gpt2_sized(128)
     logits = hidden @ weight.t()
     assert -140 < logits.mean() < -60 and logits.std(-1).mean() > 3, (logits.mean(), logits.std(-1).mean())
-    split = head.summed_error(head.split_product(hidden, head.split_bf16(weight), EMULATED), hidden, weight, targets)
-    bf16 = head.summed_error(EMULATED(hidden.bfloat16(), weight.bfloat16()), hidden, weight, targets)
-    fp32 = head.summed_error(logits, hidden, weight, targets)
+    split = vocab_head.summed_error(vocab_head.split_product(hidden, vocab_head.split_bf16(weight), EMULATED), hidden, weight, targets)
+    bf16 = vocab_head.summed_error(EMULATED(hidden.bfloat16(), weight.bfloat16()), hidden, weight, targets)
+    fp32 = vocab_head.summed_error(logits, hidden, weight, targets)
     assert split <= 0.05 < bf16, f"summed log-prob error: split {split:.4f}, bf16 {bf16:.4f} (fp32 {fp32:.4f})"
     # each logit too: the dropped h_lo W_lo term is ~2^-16 of |z|, where dropping any other term costs ~2^-8 of it
-    each = (head.split_product(hidden, head.split_bf16(weight), EMULATED).double() - hidden.double() @ weight.double().t())
+    each = (vocab_head.split_product(hidden, vocab_head.split_bf16(weight), EMULATED).double() - hidden.double() @ weight.double().t())
     assert each.abs().max() < 0.01, f"split product's largest logit error {each.abs().max():.4f}"
-    hi, lo = head.split_bf16(weight)
+    hi, lo = vocab_head.split_bf16(weight)
     assert hi.dtype == lo.dtype == torch.bfloat16 and (hi.float() + lo.float() - weight).abs().max() < 1e-4
 
 
@@ -109,25 +109,25 @@ def test_the_split_product_is_chosen_only_where_out_dtype_exists(monkeypatch, ca
     """The split path needs torch.mm(..., out_dtype=fp32): on the CPU it must not be chosen (fp32 instead, exact),
     nor on CUDA without it (a clear message); with it, under bf16 autocast only. Runs the split path end to end on
     the CPU with the product emulated: catches its backward (bf16 products, fp32 sums) breaking the gradients."""
-    assert not head.has_out_dtype(torch.device("cpu"))
+    assert not vocab_head.has_out_dtype(torch.device("cpu"))
     if not torch.cuda.is_available():
-        assert not head.has_out_dtype.__wrapped__(torch.device("cuda"))
+        assert not vocab_head.has_out_dtype.__wrapped__(torch.device("cuda"))
         assert "runs in fp32 there" in capsys.readouterr().out
-    hidden, weight, targets = head.gpt2_sized(64)
+    hidden, weight, targets = vocab_head.gpt2_sized(64)
     upstream = torch.ones(64)
-    exact = grads(head.response_logprobs, hidden, weight, targets, upstream)
+    exact = grads(vocab_head.response_logprobs, hidden, weight, targets, upstream)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # on the CPU: still the fp32 product, so the same numbers
-        assert torch.equal(grads(head.response_logprobs, hidden, weight, targets, upstream)[0], exact[0])
+        assert torch.equal(grads(vocab_head.response_logprobs, hidden, weight, targets, upstream)[0], exact[0])
 
     calls = []
-    monkeypatch.setattr(head, "has_out_dtype", lambda device: True)
-    monkeypatch.setattr(head, "cuda_mm", lambda a, b: calls.append(a.dtype) or EMULATED(a, b))
-    grads(head.response_logprobs, hidden, weight, targets, upstream)  # no autocast: fp32
+    monkeypatch.setattr(vocab_head, "has_out_dtype", lambda device: True)
+    monkeypatch.setattr(vocab_head, "cuda_mm", lambda a, b: calls.append(a.dtype) or EMULATED(a, b))
+    grads(vocab_head.response_logprobs, hidden, weight, targets, upstream)  # no autocast: fp32
     with torch.autocast("cpu", dtype=torch.float16):
-        grads(head.response_logprobs, hidden, weight, targets, upstream)  # fp16 autocast: fp32 too
+        grads(vocab_head.response_logprobs, hidden, weight, targets, upstream)  # fp16 autocast: fp32 too
     assert calls == [], calls
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logps, d_hidden, d_weight = grads(head.response_logprobs, hidden, weight, targets, upstream)
+        logps, d_hidden, d_weight = grads(vocab_head.response_logprobs, hidden, weight, targets, upstream)
     assert calls and set(calls) == {torch.bfloat16}, calls
     assert (logps.sum() - exact[0].sum()).abs() <= 0.05, (logps.sum(), exact[0].sum())
     for name, a, b in (("d hidden", d_hidden, exact[1]), ("d head", d_weight, exact[2])):

@@ -12,14 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-import apiclient
-import common
 import data
 import judge
 import model as gpt
 import plot
-import report
 import sampling
+from machinery import common, openai_client, results_tables
 
 KEY = "sk-test-do-not-leak-0123456789"
 
@@ -155,7 +153,7 @@ def test_401_stops_at_once_with_a_clear_message(fake_openai, tmp_path):
     which server rejected the key, or that repeats the key the server echoed back."""
     fake_openai.reject = True
     comparisons = [comparison(i, " good", "A") for i in range(40)]
-    with pytest.raises(apiclient.JudgeError, match=r"key rejected by http://127\.0\.0\.1:\d+/v1") as err:
+    with pytest.raises(openai_client.JudgeError, match=r"key rejected by http://127\.0\.0\.1:\d+/v1") as err:
         judge.judge_all(comparisons, FAST, tmp_path)
     assert KEY not in str(err.value)
     assert len(fake_openai.log) <= FAST.concurrency, f"{len(fake_openai.log)} requests after a 401"
@@ -237,10 +235,10 @@ def test_parse_verdict(text, verdict):
 
 def test_retry_wait_honours_retry_after_and_backs_off():
     """Catches: Retry-After ignored, backoff that does not grow, or no jitter (threads retrying in lockstep)."""
-    assert apiclient.retry_wait(0, 1.0, "0.1") == 0.1
-    waits = [apiclient.retry_wait(3, 1.0, None) for _ in range(50)]
+    assert openai_client.retry_wait(0, 1.0, "0.1") == 0.1
+    waits = [openai_client.retry_wait(3, 1.0, None) for _ in range(50)]
     assert all(4.0 <= w <= 12.0 for w in waits) and len(set(waits)) > 1, waits
-    assert apiclient.retry_wait(20, 1.0, None) <= apiclient.MAX_WAIT_S
+    assert openai_client.retry_wait(20, 1.0, None) <= openai_client.MAX_WAIT_S
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -290,9 +288,9 @@ def test_ties_are_a_fair_coin_fixed_per_comparison_and_counted(tmp_path):
     judgments = judge.judge_all(distinct + [won], judge.Settings(judge="groundtruth"), tmp_path)
     (row,) = judge.score(judgments)
     assert (row["n"], row["ties"]) == (41, 40), row
-    report.write_results([row], tmp_path, [])
+    results_tables.write_results([row], tmp_path, [])
     assert "| ties (coin) |" in (tmp_path / "results.md").read_text()
-    report.write_samples(judgments, 0.5, 0, 41, tmp_path, judge.query_text)
+    results_tables.write_samples(judgments, 0.5, 0, 41, tmp_path, judge.query_text)
     text = (tmp_path / "samples.md").read_text()
     labels = [f"{j['outcome']} (tie {j['reward_model']:g} vs {j['reward_chosen']:g}, coin)" for j in judgments[:40]]
     assert all(label in text for label in labels) and "win (reward 2 vs 0)" in text, text[-600:]
@@ -431,7 +429,7 @@ def test_results_carry_lengths_and_lc_win_rate(tmp_path):
     assert row["response_tokens"] == pytest.approx(np.mean([len(enc.encode_ordinary(j["response"])) for j in judgments]))
     assert row["response_tokens"] == 6 and row["chosen_tokens"] == 1, row
     assert 0 < row["lc_ci_low"] <= row["lc_win_rate"] <= row["lc_ci_high"] < 1, row
-    report.write_results([row], tmp_path, [])
+    results_tables.write_results([row], tmp_path, [])
     assert "LC win rate" in (tmp_path / "results.md").read_text()
     assert common.read_jsonl(tmp_path / "results.jsonl")[0]["lc_win_rate"] == row["lc_win_rate"]
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import common
 import model as gpt
+from machinery import common
 
 SMALL = gpt.GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=97, block_size=64)
 

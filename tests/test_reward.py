@@ -14,16 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common
 import data
 import dpo
-import engine
 import judge
 import model as gpt
 import plot
 import reward
 import sampling
 import sft
+from machinery import common, fast_generate
 
 SMALL = gpt.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=128)
 TINY = gpt.PRESETS["tiny"]  # judge.py's tests sample from the `tiny` preset
@@ -362,12 +361,12 @@ def test_compile_reaches_both_sampling_paths(best_of_run, monkeypatch):
     """judge.py --compile=true must reach generate for the models' own answers and for the Best-of-N pool (catches
     either call dropping it). The spy then generates eagerly: compiled generation itself is tested in test_engine."""
     tmp_path, argv = best_of_run
-    seen, generate = [], engine.generate
+    seen, generate = [], fast_generate.generate
 
     def spy(net, *args, compiled=False, **kwargs):
         seen.append((kwargs.get("num_samples", 1), compiled))
         return generate(net, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "generate", spy)
+    monkeypatch.setattr(fast_generate, "generate", spy)
     judge.main(argv + ["--compile=true", "--judge=none"])
     assert {n for n, _ in seen} == {1, 4} and all(c for _, c in seen), seen

@@ -21,15 +21,12 @@ import numpy as np
 import pytest
 import torch
 
-import batching
 import bench
-import common
 import data
 import dpo
-import engine
 import model as gpt
-import refcache
 import sft
+from machinery import batch_order, common, fast_generate, reference_logps
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = gpt.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=128)  # 1.7M parameters, 1.6M of them wte
@@ -77,7 +74,7 @@ def run_dpo(s, m, tok, reference=None):
     batch = lambda ids: data.preference_batch(tok, ids)  # noqa: E731
     if reference is None:
         reference = small_model()  # the policy's starting weights (small_model is seeded)
-        batch = refcache.with_reference(batch, refcache.reference_logps(s, reference, tok, "train"))
+        batch = reference_logps.with_reference(batch, reference_logps.reference_logps(s, reference, tok, "train"))
         loss_fn = dpo.make_loss(s)
     else:
         loss_fn = dpo.make_loss(s, reference.eval())
@@ -194,14 +191,14 @@ def test_log_probs_under_bf16_autocast_match_fp32_at_gpt2_logit_sizes(cache):
     err = (got - want).abs()
     assert err.max() <= 0.05, f"training log-probs, bf16 vs fp32: per-sequence errors {err.tolist()}, max {err.max()}"
 
-    tables = {dtype: refcache.reference_logps(settings(dpo.Settings, dtype=dtype), m, tok, "train")
+    tables = {dtype: reference_logps.reference_logps(settings(dpo.Settings, dtype=dtype), m, tok, "train")
               for dtype in ("float32", "bfloat16")}
     err = np.abs(tables["bfloat16"] - tables["float32"])
     assert err.max() <= 0.05, f"reference log-probs, bf16 vs fp32: errors {err.tolist()}, max {err.max()}"
 
     sample_next = gpt.sample_next
     prompt = tok["prompt_ids"][: tok["prompt_offsets"][1]].tolist()
-    for name, generate in (("model.generate", m.generate), ("engine.generate", partial(engine.generate, m))):
+    for name, generate in (("model.generate", m.generate), ("fast_generate.generate", partial(fast_generate.generate, m))):
         seen = []
         spy = lambda logits, *a, **k: seen.append(logits) or sample_next(logits, *a, **k)  # noqa: E731
         for autocast in (torch.autocast("cpu", enabled=False), torch.autocast("cpu", dtype=torch.bfloat16)):
@@ -446,7 +443,7 @@ def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, gradients, loss
     for step in (0, 1):
         # the oracle: one plain backward of the mean loss over this step's global batch, from this step's weights
         m = small_model() if step == 0 else gpt.load_model(str(tmp_path / "micro8" / "step_000001"))
-        losses, _ = loss_fn(m, batch_fn(batching.epoch_batches(lengths, s.batch_size, s.seed, 0)[step]))
+        losses, _ = loss_fn(m, batch_fn(batch_order.epoch_batches(lengths, s.batch_size, s.seed, 0)[step]))
         losses.mean().backward()
         direct = {name: p.grad for name, p in m.named_parameters()}
         for what, got, want in ((f"step {step + 1}: 4 x 2 vs 1 x 8", gradients[step], gradients[2 + step]),
@@ -588,7 +585,7 @@ def test_reference_cache_is_keyed_by_the_tokens(cache):
     for seed in (0, 1):  # same settings and split, different pairs
         tok = data.tokenize_pairs(data.synthetic_pairs("train", n=8, seed=seed), max_length=128,
                                   max_prompt_length=64)
-        table = refcache.reference_logps(s, reference, tok, "train")
+        table = reference_logps.reference_logps(s, reference, tok, "train")
         want = torch.stack(dpo.concatenated_forward(reference, data.preference_batch(tok, range(8))), -1).detach()
         diff = (torch.from_numpy(table) - want).abs().max().item()
         assert diff <= 1e-4, \
@@ -615,19 +612,20 @@ def test_evaluation_uses_the_same_seeded_subset_of_the_whole_split(tmp_path):
     s = settings(out=str(tmp_path), n_eval=8, eval_every=1, max_steps=2, micro_batch_size=8)
     sft.train(s, small_model(), sft.sft_loss, lambda ids: data.sft_batch(tok, ids), spy_batches(tok, evaluated), 32,
               data.example_lengths(tok, "sft"), "sft")
-    want = batching.eval_subset(32, 8, s.seed).tolist()
+    want = batch_order.eval_subset(32, 8, s.seed).tolist()
     assert evaluated == [want] * 3, f"evaluated {evaluated} at steps 0, 1, 2; want {want} each time"
     assert want != list(range(8)) and max(want) >= 16, f"subset {want} is not spread over the 32 held-out pairs"
-    assert batching.eval_subset(32, 8, 1).tolist() != want and batching.eval_subset(5, 8, 0).tolist() == list(range(5))
+    assert batch_order.eval_subset(32, 8, 1).tolist() != want and batch_order.eval_subset(5, 8, 0).tolist() == list(range(5))
 
 
 def test_dpo_precomputes_reference_logps_only_for_the_evaluated_rows(tmp_path, cache, monkeypatch):
     """Catches precomputing the reference over the whole test split (~8.5K HH pairs: minutes of a GPU for 256
     used rows), and a table whose rows are not the evaluated pairs (the step-0 eval loss would then not be log 2)."""
     monkeypatch.setattr(data, "load_pairs", lambda dataset, split: data.synthetic_pairs(split, n=16))
-    sizes, reference_logps = {}, refcache.reference_logps
-    spy = lambda s, ref, tok, split: sizes.setdefault(split, data.n_examples(tok)) and reference_logps(s, ref, tok, split)  # noqa: E731
-    monkeypatch.setattr(refcache, "reference_logps", spy)
+    sizes, precompute = {}, reference_logps.precompute
+    spy = lambda s, run, ref, w, tok, split, *fns: sizes.setdefault(split, data.n_examples(tok)) and precompute(  # noqa: E731
+        s, run, ref, w, tok, split, *fns)
+    monkeypatch.setattr(reference_logps, "precompute", spy)
     out = tmp_path / "run"
     dpo.main([f"--{k}={v}" for k, v in {**FAST, "batch_size": 4, "micro_batch_size": 4}.items()] + [
         "--model=tiny", "--dataset=synthetic", f"--out={out}", "--max_steps=1", "--n_eval=4", "--eval_every=1"])
@@ -639,12 +637,12 @@ def test_dpo_precomputes_reference_logps_only_for_the_evaluated_rows(tmp_path, c
 @pytest.mark.parametrize("group_by_length", [True, False])
 def test_group_by_length_switch_sets_the_batch_order(tmp_path, group_by_length):
     """Catches --group_by_length not reaching the sampler (the reference code's random batches could then not be
-    reproduced): the training batches must be exactly batching.epoch_batches' with that flag."""
+    reproduced): the training batches must be exactly batch_order.epoch_batches' with that flag."""
     tok, trained = category_pairs(32), []
     s = settings(out=str(tmp_path), max_steps=3, micro_batch_size=8, group_by_length=group_by_length)
     lengths = data.example_lengths(tok, "sft")
     sft.train(s, small_model(), sft.sft_loss, spy_batches(tok, trained), None, 32, lengths, "sft")
-    want = [b.tolist() for b in batching.epoch_batches(lengths, 8, s.seed, 0, group_by_length=group_by_length)[:3]]
+    want = [b.tolist() for b in batch_order.epoch_batches(lengths, 8, s.seed, 0, group_by_length=group_by_length)[:3]]
     assert trained == want, f"group_by_length={group_by_length}: trained on {trained}, want {want}"
 
 

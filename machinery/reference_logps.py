@@ -4,45 +4,40 @@
 
 What it speeds up: pi_ref never changes, so log pi_ref(y|x) of every training pair is computed in one no-grad pass
 and read from a table after; the reference model is then freed. A DPO step then runs one forward and backward
-instead of also a reference forward: 1.27x faster, 135 MiB less memory (`make bench`, section 4; README "Speed").
-What it guards: the cache is keyed by the reference weights, the tokens themselves and every setting that changes
-them, so an edited data.py or a re-downloaded dataset never reads a stale table (tests/test_train.py); with several
-processes each computes a share and one all_reduce assembles the table.
+instead of also a reference forward: 1.27x faster, 135 MiB less memory (`make bench`; README "Speed").
+What it guards: the cache is keyed by the reference weights' content (model.weights_id: a model retrained into the
+same path is a new key), the tokens themselves and every setting that changes them, so neither a retrained SFT model
+nor an edited data.py nor a re-downloaded dataset ever reads a stale table (tests/machinery/test_reference_logps.py);
+with several processes each computes a share and one all_reduce assembles the table. dpo.py passes in what it
+needs from above: the batches, the log-prob function and the weights' identity.
 """
 
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
 
-import common
-import data
-import parallel
-import sft
+from machinery import common
 
 
-def reference_logps(s, reference, tok: dict, split: str) -> np.ndarray:
-    """(N, 2) float32: log pi_ref(y_w|x), log pi_ref(y_l|x) for every pair, cached on disk. s: dpo.Settings.
+def precompute(s, run, reference, weights_id: str, tok: dict, split: str, batch_fn, logps_fn) -> np.ndarray:
+    """(N, 2) float32: log pi_ref(y_w|x), log pi_ref(y_l|x) for every pair of `tok`, cached on disk.
 
-    The cache key covers the reference weights (size and mtime of the file and its config), every setting that
-    changes the tokens, and the tokens themselves: an edited data.py or a re-downloaded dataset changes them under
-    the same settings. With several processes each computes every world-th pair and an all_reduce of the
-    zero-filled rest assembles the whole table."""
-    run = parallel.setup(s)
+    s: dpo.Settings; run: distributed.Run; weights_id: model.weights_id of the reference; tok: the tokenized pairs
+    (data.py's ragged arrays, hashed for the key); batch_fn(ids) -> a [chosen; rejected] batch of those pairs;
+    logps_fn(model, batch) -> the summed response log-probs of its chosen and of its rejected rows, (B,) each. With several processes each computes every world-th
+    pair and an all_reduce of the zero-filled rest assembles the whole table."""
     device = run.device
-    weights = Path(s.model) / "model.safetensors" if Path(s.model).is_dir() else Path(s.model)
-    stamp = [str(weights.resolve()), weights.stat().st_size, weights.stat().st_mtime_ns] if weights.exists() else [s.model, s.seed]
     tokens = hashlib.sha256()
     for name in sorted(k for k in tok if k.endswith(("_ids", "_offsets"))):
         tokens.update(np.ascontiguousarray(tok[name]))
-    key = json.dumps([stamp, tokens.hexdigest(), s.dataset, split, s.max_length, s.max_prompt_length, s.truncation,
-                      str(run.dtype)])
+    key = json.dumps([weights_id, s.seed, tokens.hexdigest(), s.dataset, split, s.max_length, s.max_prompt_length,
+                      s.truncation, str(run.dtype)])
     path = common.cache_dir() / "reference_logps" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
     if path.exists():
         return np.load(path, allow_pickle=False)
-    n = data.n_examples(tok)
+    n = len(tok["prompt_offsets"]) - 1
     table = torch.zeros(n, 2, dtype=torch.float64, device=device)
     reference.to(device).eval()
     ids = list(range(n))[run.rank :: run.world]
@@ -50,10 +45,9 @@ def reference_logps(s, reference, tok: dict, split: str) -> np.ndarray:
     with torch.no_grad():
         for i in range(0, len(ids), step):
             chunk = ids[i : i + step]
-            batch = {k: v.to(device) for k, v in data.preference_batch(tok, chunk).items()}
+            batch = common.to_device(batch_fn(chunk), device)
             with common.autocast(device, run.dtype):
-                logps = sft.sequence_logps(reference, batch)  # (2B,): [chosen; rejected], one forward
-            table[chunk] = logps.view(2, -1).t().double()
+                table[chunk] = torch.stack(logps_fn(reference, batch), 1).double()  # (b, 2): chosen, rejected
             if run.rank == 0 and (i // step) % 50 == 0:
                 print(f"  reference log-probs ({split}): {min(i + step, len(ids)) * run.world}/{n}", flush=True)
     if run.world > 1:

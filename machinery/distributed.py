@@ -28,8 +28,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-import common
-import model as gpt
+from machinery import common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,10 +70,9 @@ def setup(s) -> Run:
 
 
 @contextlib.contextmanager
-def rank_zero_first(s):
+def rank_zero_first(run: Run):
     """Rank 0 fills the shared caches (downloads, tokenized arrays) while the other ranks wait at a barrier; then
     they find the files ready. Without it every rank of a fresh multi-GPU run downloads and writes the same files."""
-    run = setup(s)
     if run.rank != 0:
         dist.barrier()
     yield
@@ -82,8 +80,8 @@ def rank_zero_first(s):
         dist.barrier()
 
 
-def shard(model, s, device, dtype):
-    """FSDP2 in place: each Block is one unit of sharding, the root (embeddings, ln_f, the head tied to wte) another.
+def shard(model, s, device, dtype, block_type):
+    """FSDP2 in place: each block (a module of `block_type`, model.Block) is one unit of sharding, the root (embeddings, ln_f, the head tied to wte) another.
 
     Every rank keeps 1/world of each weight (dim 0 cut into world chunks, as torch.chunk does). A unit's weights are
     all-gathered just before its forward and again before its backward, and freed after each: only a block or two
@@ -99,16 +97,16 @@ def shard(model, s, device, dtype):
     mixed = MixedPrecisionPolicy()
     if device.type == "cuda" and dtype != torch.float32:
         mixed = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    for block in [m for m in model.modules() if isinstance(m, gpt.Block)]:
+    for block in [m for m in model.modules() if isinstance(m, block_type)]:
         fully_shard(block, mesh=mesh, mp_policy=mixed, offload_policy=offload)
     fully_shard(model, mesh=mesh, offload_policy=offload)  # a tied weight stays one parameter: one shard, one grad
     return model
 
 
-def place(model, s, run: Run):
-    """The model on this process's device: sharded over the processes with --fsdp (each rank's shards on its GPU, or
-    on the CPU with --offload), else whole."""
-    return shard(model, s, run.device, run.dtype) if s.fsdp else model.to(run.device)
+def place(model, s, run: Run, block_type):
+    """The model on this process's device: sharded over the processes with --fsdp, one unit per `block_type` module
+    (each rank's shards on its GPU, or on the CPU with --offload), else whole."""
+    return shard(model, s, run.device, run.dtype, block_type) if s.fsdp else model.to(run.device)
 
 
 def wrap(model, s, run: Run):

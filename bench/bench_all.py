@@ -22,14 +22,14 @@ bench warns when the load average says so).
   6. memory      (--memory=true, instead of the others) bytes per GPU of parameters, gradients and optimizer state under DDP,
                  FSDP over --world GPUs, and FSDP + CPU offload, computed from the parameter shapes, plus the
                  activations and whole-weight copies of a step; under torchrun also measured on the real sharded
-                 tensors of one training step (parallel.state_bytes) beside the computed numbers
+                 tensors of one training step (distributed.state_bytes) beside the computed numbers
   7. fp32 head   SFT and DPO steps with the vocabulary projection in fp32 (ours: exact log-probs) vs in bf16/fp16
   8. limits      gpt2 (124M) in bf16 (where native) and fp32: each decode step against the bytes it must read at the
                  measured memory bandwidth, vs transformers.generate; a DPO optimizer step (1 pair x 256 tokens,
                  precomputed reference, RMSprop) by part, against its floor, vs TRL's DPOTrainer (pip install -e '.[bench]'),
-                 and vs ours with the plain head (all logits at once, before head.py), timed side by side
+                 and vs ours with the plain head (all logits at once, before vocab_head.py), timed side by side
   9. head        (--head=true, instead of the others) peak memory of a gpt2 DPO step (4 pairs x 512 tokens) with the
-                 plain head and with head.py's, each in a fresh process; the head's share of a GPU step, estimated
+                 plain head and with vocab_head.py's, each in a fresh process; the head's share of a GPU step, estimated
 
 MFU (model FLOPs utilisation; Chowdhery et al. 2022, arXiv:2204.02311, App. B) = 6 N tokens / time / peak, N the
 parameters, embedding included; a live reference adds its forward, 2 N tokens. The numerator is the same for ours
@@ -59,15 +59,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import batching
-import common
 import data
 import dpo
-import engine
-import head
 import model as gpt
-import parallel
 import sft
+from machinery import batch_order, common, distributed, fast_generate, vocab_head
 
 try:  # optional: without it the comparisons print "skipped"
     import transformers
@@ -95,7 +91,7 @@ class Settings:
     seed: int = 0  # weights and inputs
     memory: bool = False  # print the memory table (section 6) instead of timing
     world: int = 8  # GPUs that FSDP shards over in the memory table
-    head: bool = False  # section 9 alone: the vocabulary head's peak memory, plain vs head.py, and its GPU share
+    head: bool = False  # section 9 alone: the vocabulary head's peak memory, plain vs vocab_head.py, and its GPU share
     head_step: str = ""  # internal (section 9): one DPO step with the plain or chunked head in this fresh process
 
 
@@ -324,7 +320,7 @@ def bench_generate(s, model, theirs, device, dtype, repeats) -> list[str]:
         return call
 
     ours, hf, naive = "ours (KV cache)", "transformers.generate", "ours, no cache"
-    fns = {ours: run(ours, lambda: torch.tensor(engine.generate(model, prompts.tolist(), s.new_tokens, temperature=0,
+    fns = {ours: run(ours, lambda: torch.tensor(fast_generate.generate(model, prompts.tolist(), s.new_tokens, temperature=0,
                                                                eos_id=-1)))}
     if theirs is not None:
         fns[hf] = run(hf, lambda: theirs.hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False,
@@ -370,17 +366,17 @@ def bench_dpo(model, batch, device, dtype, peak, repeats) -> list[str]:
 
 @contextlib.contextmanager
 def head_swapped(fn):
-    """GPT.forward's training head, head.response_logprobs(hidden, weight, targets), replaced by fn for the block."""
-    original = head.response_logprobs
-    head.response_logprobs = fn
+    """GPT.forward's training head, vocab_head.response_logprobs(hidden, weight, targets), replaced by fn for the block."""
+    original = vocab_head.response_logprobs
+    vocab_head.response_logprobs = fn
     try:
         yield
     finally:
-        head.response_logprobs = original
+        vocab_head.response_logprobs = original
 
 
 def plain_head(hidden, weight, targets):
-    """The head before head.py: all N rows of fp32 logits at once and autograd's log-softmax, three (N, V) tensors."""
+    """The head before vocab_head.py: all N rows of fp32 logits at once and autograd's log-softmax, three (N, V) tensors."""
     with torch.autocast(hidden.device.type, enabled=False):
         return -F.cross_entropy(F.linear(hidden.float(), weight.float()), targets, reduction="none")
 
@@ -471,10 +467,10 @@ def bench_tokenize(s, repeats) -> list[str]:
 
 
 def bench_padding(s) -> list[str]:
-    """Padding with and without batching.epoch_batches's length grouping: counted, no clock needed."""
+    """Padding with and without batch_order.epoch_batches's length grouping: counted, no clock needed."""
     # HH-like lengths (prompt + longer response): lognormal around 200 tokens, cut at max_length 512
     lengths = np.clip(np.random.default_rng(s.seed).lognormal(np.log(200), 0.6, 16000), 8, 512).astype(int)
-    fraction = {g: batching.padding_fraction(lengths, batching.epoch_batches(lengths, 64, s.seed, 0, group_by_length=g))
+    fraction = {g: batch_order.padding_fraction(lengths, batch_order.epoch_batches(lengths, 64, s.seed, 0, group_by_length=g))
                 for g in (False, True)}
     padded = {g: 1 / (1 - f) for g, f in fraction.items()}  # tokens computed per real token
     table("5. padding: 16,000 HH-like lengths (median 200, max 512), batches of 64", ["", "padding", "tokens computed"],
@@ -515,7 +511,7 @@ def working_bytes(model, mode: str, grad_checkpoint: bool, accumulate: bool) -> 
     per_token = 38 * c.n_embd
     # --grad_checkpoint keeps only each block's fp32 input, and recomputes one block at a time in backward
     acts = tokens * (4 * c.n_embd * c.n_layer + per_token if grad_checkpoint else per_token * c.n_layer)
-    logits = 2 * 4 * head.CHUNK_ROWS * c.vocab_size  # head.py: at most two chunks of fp32 logits at a time
+    logits = 2 * 4 * vocab_head.CHUNK_ROWS * c.vocab_size  # vocab_head.py: at most two chunks of fp32 logits at a time
     if mode == "ddp":  # autocast's bf16 copy of every block weight, saved for backward; DDP's fp32 gradient buckets
         copies = 2 * blocks + 4 * P
     elif accumulate:  # FSDP between micro-batches: bf16 blocks and the fp32 root stay gathered, gradients whole
@@ -546,20 +542,20 @@ def memory_rows(name: str, world: int) -> list[list]:
 
 def measure_state(device, dtype) -> None:
     """Under torchrun: one training step of the small model under DDP and under FSDP, and the bytes each rank
-    really holds (parallel.state_bytes on the sharded tensors) beside state_per_rank's numbers from shapes."""
+    really holds (distributed.state_bytes on the sharded tensors) beside state_per_rank's numbers from shapes."""
     world, rows = torch.distributed.get_world_size(), []
     with torch.device("meta"):
         shapes = build_model("small")
     for fsdp in (False, True):
         torch.manual_seed(0)
         model, s = build_model("small"), sft.Settings(fsdp=fsdp, device=device.type)
-        parallel.shard(model, s, device, dtype) if fsdp else model.to(device)
+        distributed.shard(model, s, device, dtype, gpt.Block) if fsdp else model.to(device)
         wrapped = model if fsdp else torch.nn.parallel.DistributedDataParallel(model)
         optimizer = sft.make_optimizer(s, model, device)
         losses, _ = sft.sft_loss(wrapped, make_batch(2, 32, model.config.vocab_size, device, seed=0))
         losses.sum().backward()
         optimizer.step()
-        held = torch.tensor(list(parallel.state_bytes(model, optimizer).values()), device=device)
+        held = torch.tensor(list(distributed.state_bytes(model, optimizer).values()), device=device)
         torch.distributed.all_reduce(held, op=torch.distributed.ReduceOp.MAX)
         computed = state_per_rank(shapes, world, fsdp)
         rows.append(["FSDP" if fsdp else "DDP", *(f"{b / 2**20:,.2f} / {computed[k] / 2**20:,.2f}"
@@ -570,7 +566,7 @@ def measure_state(device, dtype) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 9. The vocabulary head (head.py): peak memory measured, its share of a GPU step estimated
+# 9. The vocabulary head (vocab_head.py): peak memory measured, its share of a GPU step estimated
 
 GPU_PEAKS = {"A100": (312e12, 19.5e12), "H100": (989e12, 67e12)}  # dense bf16 and fp32 (TF32 off) FLOP/s, datasheets
 
@@ -597,8 +593,8 @@ def head_step(s) -> None:
 
 def head_shares() -> list[list]:
     """The head's share of a bf16 DPO step on each GPU, on paper: every matmul at its dtype's datasheet peak, half the
-    tokens response. Per response token the head costs 2 V C FLOPs per product: 3 fp32 products before head.py
-    (forward, two in backward); with head.py, the recomputation adds one (4 fp32) or, split, 3 + 3 + 2 bf16 ones."""
+    tokens response. Per response token the head costs 2 V C FLOPs per product: 3 fp32 products before vocab_head.py
+    (forward, two in backward); with vocab_head.py, the recomputation adds one (4 fp32) or, split, 3 + 3 + 2 bf16 ones."""
     rows = []
     for name in gpt.HUB_MODELS:
         with torch.device("meta"):
@@ -626,17 +622,17 @@ def bench_head(s) -> None:
     what = "peak RSS of the process" if device.type == "cpu" else "torch.cuda.max_memory_allocated"
     table(f"9. one gpt2 DPO step, 4 pairs x 512 tokens (2,048 head rows), {reason}: {what}, each in a fresh process",
           ["head", "peak GiB"], [[k, f"{v / 2**30:.2f}"] for k, v in peaks.items()])
-    print(f"  head.py saves {(peaks['plain'] - peaks['chunked']) / 2**30:.2f} GiB; one (2048, 50257) fp32 tensor is "
+    print(f"  vocab_head.py saves {(peaks['plain'] - peaks['chunked']) / 2**30:.2f} GiB; one (2048, 50257) fp32 tensor is "
           f"{logits / 2**30:.2f} GiB, the plain head's three {3 * logits / 2**30:.2f} GiB")
     table("9. the head's share of a bf16 DPO step, AN ESTIMATE from datasheet peaks (no GPU measured it): fp32 before "
-          "head.py, fp32 chunked, split bf16; and the step's speed-up from split bf16",
+          "vocab_head.py, fp32 chunked, split bf16; and the step's speed-up from split bf16",
           ["model"] + [f"{gpu} {k}" for gpu in GPU_PEAKS for k in ("fp32", "chunked", "split", "speed-up")],
           head_shares())
 
 
 def bench_memory(s) -> None:
     if "RANK" in os.environ:
-        run = parallel.setup(sft.Settings(device=s.device, dtype=s.dtype))
+        run = distributed.setup(sft.Settings(device=s.device, dtype=s.dtype))
         measure_state(run.device, run.dtype)
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -673,10 +669,10 @@ def peer_dtypes(device) -> list[torch.dtype]:
 
 
 def stream_rate(dtype, n: int = 3072, k: int = 768) -> float:
-    """Bytes/s at which generation's own matmul on CPU (8 rows times a weight packed as engine.prepared packs it)
+    """Bytes/s at which generation's own matmul on CPU (8 rows times a weight packed as fast_generate.prepared packs it)
     streams weights that are not in cache: the practical ceiling of a decode step, below the bandwidth of a sum."""
     count = 2**28 // (n * k * torch.finfo(dtype).bits // 8)
-    weights = [engine.prepare_linear(torch.randn(n, k), None, dtype, rows=8, pack=True)[0] for _ in range(count)]
+    weights = [fast_generate.prepare_linear(torch.randn(n, k), None, dtype, rows=8, pack=True)[0] for _ in range(count)]
     x, best = torch.randn(8, k, dtype=dtype), float("inf")
     with torch.no_grad():
         for _ in range(3):
@@ -698,10 +694,10 @@ def bench_decode(model, device, dtype, bandwidth, repeats, B=8, P=64, N=64) -> t
     idx = prompts.to(device)
     fns = {}
     for n in (N, 1):
-        fns[f"ours {n}"] = lambda n=n: engine.generate(ours, prompts.tolist(), n, temperature=0, eos_id=-1)
+        fns[f"ours {n}"] = lambda n=n: fast_generate.generate(ours, prompts.tolist(), n, temperature=0, eos_id=-1)
         fns[f"plain {n}"] = lambda n=n: ours.generate(prompts.tolist(), n, temperature=0, eos_id=-1)  # model.py alone
         if device.type == "cuda":  # the decode step through torch.compile, as CUDA graphs (compiled before the race)
-            fns[f"compiled {n}"] = lambda n=n: engine.generate(ours, prompts.tolist(), n, temperature=0, eos_id=-1,
+            fns[f"compiled {n}"] = lambda n=n: fast_generate.generate(ours, prompts.tolist(), n, temperature=0, eos_id=-1,
                                                                compiled=True)
             fns[f"compiled {n}"]()
         if theirs is not None:
@@ -716,7 +712,7 @@ def bench_decode(model, device, dtype, bandwidth, repeats, B=8, P=64, N=64) -> t
              "plain": (body * size + head * 4 + kv) / bandwidth, "theirs": (body * size + head * size + kv) / bandwidth}
     step = {who: (times[f"{who} {N}"] - times[f"{who} 1"]) / (N - 1) for who in limit if f"{who} 1" in times}
     name = str(dtype).removeprefix("torch.")
-    label = {"ours": "ours (engine.generate)", "compiled": "ours, compiled", "plain": "ours, plain model.generate",
+    label = {"ours": "ours (fast_generate.generate)", "compiled": "ours, compiled", "plain": "ours, plain model.generate",
              "theirs": "transformers.generate"}
     table(f"8. decode step, {name} weights: {B} prompts x {P} tokens, {N} new, median of {repeats}",
           ["", "ms/step", "new tokens/s", "read limit (ms)", "of limit"],
@@ -803,7 +799,7 @@ def bench_dpo_peer(model, device, dtype, peak, bandwidth, repeats, T=256) -> tup
         with head_swapped(low_precision_head):
             ours(parts={part: [] for part in parts})
 
-    def ours_plain_head():  # before head.py: the same exact fp32 log-probs, all rows of logits at once
+    def ours_plain_head():  # before vocab_head.py: the same exact fp32 log-probs, all rows of logits at once
         with head_swapped(plain_head):
             ours(parts={part: [] for part in parts})
 

@@ -4,44 +4,16 @@
 
 What it guards (tests/test_judge.py and tests/test_reward.py check each): answers, the Best-of-N pool and verdicts
 are appended as they come, so a killed run loses at most one batch and resumes where it stopped (a torn last line
-is cut off: common.append_jsonl). Stored answers are reused only when the same weights made them, told by the
-content hash of model.safetensors (not its path, nor its mtime: retraining into the same run directory must not
-bring back the old model's answers), and the same generation settings; anything else is sampled again, with a
-one-line reason. A verdict is reused only for the byte-identical request (judge.py's judgment keys).
+is cut off: common.append_jsonl). Stored answers are reused only when the same weights made them, told by
+model.weights_id (the content hash of model.safetensors, not its path, nor its mtime: retraining into the same run
+directory must not bring back the old model's answers), and the same generation settings; anything else is sampled
+again, with a one-line reason. A verdict is reused only for the byte-identical request (judge.py's judgment keys).
 """
 
-import hashlib
 import json
 from pathlib import Path
 
-import common
-import model as gpt
-import reward
-
-
-def weights_fingerprint(path: str) -> str:
-    """What identifies a model's weights: "sha256:<16 hex digits>" of its model.safetensors, or "preset:<name>" for
-    a preset (hub weights are fixed; "tiny" is a random init seeded by --seed). Hashing reads the file once (seconds
-    for gpt2-xl); the hash is cached under the file's path, size, mtime and inode, which any rewrite changes."""
-    if path in gpt.PRESETS:
-        return f"preset:{path}"
-    file = Path(path) / "model.safetensors" if Path(path).is_dir() else Path(path)
-    if not file.exists():
-        raise FileNotFoundError(f"no model at {file}: give a preset, a .safetensors file or a checkpoint directory")
-    st = file.stat()
-    stamp = json.dumps([str(file.resolve()), st.st_size, st.st_mtime_ns, st.st_ino])
-    cached = common.cache_dir() / "fingerprints" / f"{hashlib.sha256(stamp.encode()).hexdigest()[:16]}.txt"
-    if cached.exists():
-        return cached.read_text()
-    fingerprint = "sha256:" + common.sha256_file(file)[:16]
-    common.atomic_write(cached, lambda f: f.write(fingerprint.encode()))
-    return fingerprint
-
-
-def scorer_fingerprint(spec: str) -> str | None:
-    """weights_fingerprint of the checkpoint a --scorer spec reads, or None when there is none (load_scorer says why)."""
-    path = Path(reward.parse_scorer(spec)[1])
-    return weights_fingerprint(str(path)) if (path / "model.safetensors").exists() else None
+from machinery import common
 
 
 def stored_answers(name: str, path: str, file: Path, generation: dict) -> dict:

@@ -157,6 +157,11 @@ def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device
     return dev, torch.float32, f"fp32: autocast on {dev.type} is rarely faster and costs accuracy"
 
 
+def to_device(batch: dict, device) -> dict:
+    """A batch's tensors on `device` (non_blocking: from pinned memory, the copy overlaps the GPU's work)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     """Mixed precision: matmuls in `dtype`, reductions (softmax, LayerNorm) kept in fp32 by autocast."""
     if dtype == torch.float32:
@@ -260,6 +265,23 @@ def sha256_file(path: Path) -> str:
         while block := f.read(1 << 24):
             h.update(block)
     return h.hexdigest()
+
+
+def content_id(file: Path) -> str:
+    """What identifies a file's content, for every cache keyed by weights or data: "sha256:<16 hex digits>". Hashing
+    reads the file once (seconds for gpt2-xl); the hash is remembered under the file's path, size, mtime and inode,
+    which any rewrite changes, so an unchanged file is not read again."""
+    file = Path(file)
+    if not file.exists():
+        raise FileNotFoundError(f"no file at {file}: give a preset, a .safetensors file or a checkpoint directory")
+    st = file.stat()
+    stamp = json.dumps([str(file.resolve()), st.st_size, st.st_mtime_ns, st.st_ino])
+    remembered = cache_dir() / "fingerprints" / f"{hashlib.sha256(stamp.encode()).hexdigest()[:16]}.txt"
+    if remembered.exists():
+        return remembered.read_text()
+    digest = "sha256:" + sha256_file(file)[:16]
+    atomic_write(remembered, lambda f: f.write(digest.encode()))
+    return digest
 
 
 GPT2_BPE_URLS = {  # what tiktoken fetches for "gpt2", cached under $TIKTOKEN_CACHE_DIR/sha1(url)

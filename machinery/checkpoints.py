@@ -16,28 +16,24 @@ from pathlib import Path
 
 import torch
 
-import common
-import model as gpt
-import parallel
+from machinery import common, distributed
+from machinery.safetensors_file import read_safetensors, write_safetensors
 
 
 def write_weights(model, directory: Path, meta: dict, weights: dict) -> None:
-    """Whole `weights` of `model` into `directory`: model.save_model for a GPT-2; a model that is more than a GPT-2
-    (reward.py's trunk + head) brings its own `save`, and `load` for the way back (read_weights)."""
-    if hasattr(model, "save"):
-        model.save(directory, meta=meta, state_dict=weights)
-    else:
-        gpt.save_model(model, directory, meta=meta, state_dict=weights)
+    """Whole `weights` of `model` into `directory`, through the model's own `save` (model.GPT writes the hub layout;
+    reward.py's trunk + head writes the head beside it), and `load` for the way back (read_weights)."""
+    model.save(directory, meta=meta, state_dict=weights)
 
 
 def read_weights(model, directory: Path) -> dict:
     """The whole tensors write_weights wrote, keyed as model.state_dict()."""
-    return model.load(directory) if hasattr(model, "load") else gpt.load_model(str(directory)).state_dict()
+    return model.load(directory)
 
 
 def save_weights(model, directory: Path, meta: dict, master: bool) -> None:
     """final/ and step_N/: the hub-layout model.safetensors, whole; every rank calls it, rank 0 writes."""
-    weights = parallel.full_state_dict(model, master)
+    weights = distributed.full_state_dict(model, master)
     if master:
         write_weights(model, directory, meta, weights)
 
@@ -47,9 +43,9 @@ def save_checkpoint(directory: Path, model, optimizer, step: int, settings: dict
     as JSON. Written to a temporary directory and swapped in, so a kill never leaves a broken latest/. Every rank
     calls it: FSDP's shards are gathered into whole tensors, so DDP, FSDP and one process write the same files,
     and a run resumes under any of them, with any number of processes."""
-    weights = parallel.full_state_dict(model, master)
+    weights = distributed.full_state_dict(model, master)
     state = optimizer.state_dict()  # state: {param index: {"step", "square_avg" or "exp_avg", ...}}
-    tensors = {f"{i}.{k}": parallel.gather(v, master) for i, st in state["state"].items() for k, v in st.items()}
+    tensors = {f"{i}.{k}": distributed.gather(v, master) for i, st in state["state"].items() for k, v in st.items()}
     if not master:
         return
     tensors["rng.torch"] = torch.get_rng_state()
@@ -57,7 +53,7 @@ def save_checkpoint(directory: Path, model, optimizer, step: int, settings: dict
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     with common.new_dir(directory) as tmp:
         write_weights(model, tmp, {"step": step, "settings": settings}, weights)
-        gpt.write_safetensors(tmp / "optimizer.safetensors", tensors)
+        write_safetensors(tmp / "optimizer.safetensors", tensors)
         (tmp / "state.json").write_text(json.dumps({"step": step, "param_groups": state["param_groups"]}))
 
 
@@ -69,9 +65,9 @@ def load_checkpoint(directory: Path, model, optimizer) -> int:
     if saved != type(optimizer).__name__.lower():
         raise SystemExit(f"{directory} holds {saved} state; resume with --optimizer={saved}, or --resume=false")
     current = model.state_dict()  # FSDP: DTensor shards, which each take their part of the whole saved tensor
-    model.load_state_dict({k: parallel.local_like(t, current[k]) for k, t in read_weights(model, directory).items()})
+    model.load_state_dict({k: distributed.local_like(t, current[k]) for k, t in read_weights(model, directory).items()})
     meta = json.loads((directory / "state.json").read_text())
-    tensors, _ = gpt.read_safetensors(directory / "optimizer.safetensors")
+    tensors, _ = read_safetensors(directory / "optimizer.safetensors")
     torch.set_rng_state(tensors.pop("rng.torch"))
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors.pop("rng.cuda"))
@@ -81,7 +77,7 @@ def load_checkpoint(directory: Path, model, optimizer) -> int:
     for key, t in tensors.items():
         i, name = key.split(".", 1)
         p = params[int(i)]
-        state.setdefault(int(i), {})[name] = parallel.local_like(t, p) if t.shape == p.shape else t  # moments
+        state.setdefault(int(i), {})[name] = distributed.local_like(t, p) if t.shape == p.shape else t  # moments
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     return meta["step"]
 

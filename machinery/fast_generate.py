@@ -19,13 +19,19 @@ Every path gives the plain generate's tokens (tests/test_engine.py). This file u
 """
 
 import contextlib
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
-import model as gpt
+from machinery import common
+
+
+def model_module(net):
+    """The module that defines `net`'s class (model.py): its KVCache, EOT and decoding helpers are read from the
+    network passed in, never imported, so that this layer below the lesson files does not reach up into them."""
+    return sys.modules[type(net).__module__]
 
 
 def prepare_linear(weight, bias, dtype: torch.dtype, rows: int, pack: bool):
@@ -39,7 +45,7 @@ def prepare_linear(weight, bias, dtype: torch.dtype, rows: int, pack: bool):
 
 
 @contextlib.contextmanager
-def prepared(net: gpt.GPT, dtype: torch.dtype, rows: int, pack: bool = True):
+def prepared(net, dtype: torch.dtype, rows: int, pack: bool = True):
     """Within this block every Linear of `net` multiplies by its weight prepared once (see prepare_linear): cast to
     `dtype`, the dtype the products run in (bf16 under autocast or for a bf16 model); the vocabulary head cast to
     fp32 (GPT.logits says why); on CPU, unless pack=False (torch.compile cannot trace a packed weight), packed for
@@ -69,13 +75,14 @@ def prepared(net: gpt.GPT, dtype: torch.dtype, rows: int, pack: bool = True):
 
 
 @torch.no_grad()
-def generate(net: gpt.GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, eos_id: int = gpt.EOT, stop: tuple[str, ...] = (),
+def generate(net, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None, stop: tuple[str, ...] = (),
              decode=None, generator: torch.Generator | None = None, num_samples: int = 1,
              compiled: bool = False) -> list[list[int]]:
     """net.generate(...)'s answers, with the weights prepared for the call and, on CPU, an fp32 KV cache;
-    compiled=True decodes through `compiled_generate` instead."""
+    compiled=True decodes through `compiled_generate` instead. eos_id: default, the model's <|endoftext|>."""
     device = net.wte.weight.device
+    eos_id = model_module(net).EOT if eos_id is None else eos_id
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else net.wte.weight.dtype
     cache_dtype = torch.float32 if device.type == "cpu" else dtype
     kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, stop=stop, decode=decode,
@@ -93,13 +100,18 @@ def generate(net: gpt.GPT, prompts: list[list[int]], max_new_tokens: int, temper
 class StaticKVCache:
     """model.KVCache with shapes that never change: written in place at a position tensor (index_copy_), and
     attention reads all its S positions at every step (the mask hides those not yet written), so a compiled step
-    runs the same kernels at every token and does not recompile per position."""
+    runs the same kernels at every token and does not recompile per position. It keeps the model's own cache (the
+    same buffers, (B, nh, S, hs) per layer, and its `select`) and replaces only how a step writes into it."""
 
-    select = gpt.KVCache.select
+    def __init__(self, cache):
+        self.cache = cache
+        self.pos = torch.zeros(1, dtype=torch.long, device=cache.k[0].device)  # GPT.forward advances it in place
 
-    def __init__(self, config: gpt.GPTConfig, batch: int, max_len: int, device, dtype):
-        gpt.KVCache.__init__(self, config, batch, max_len, device, dtype)  # the same buffers, (B, nh, S, hs) per layer
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # a tensor: GPT.forward advances it in place
+    k = property(lambda self: self.cache.k)
+    v = property(lambda self: self.cache.v)
+
+    def select(self, rows):
+        self.cache.select(rows)
 
     def update(self, layer: int, k, v):
         where = self.pos + torch.arange(k.shape[2], device=k.device)  # (T,) positions of this call's tokens
@@ -107,7 +119,7 @@ class StaticKVCache:
                 self.v[layer].index_copy_(2, where, v.to(self.v[layer].dtype)))
 
 
-def compile_step(net: gpt.GPT, cache: StaticKVCache, weights: list[torch.Tensor]):
+def compile_step(net, cache: StaticKVCache, weights: list[torch.Tensor]):
     """net through torch.compile ("reduce-overhead", i.e. CUDA graphs, on CUDA). The tensors the step reads or
     updates in place (the cache, the prepared weights) are marked as fixed addresses without a guard, so the next
     generate call, with new ones, re-records the graph instead of recompiling."""
@@ -117,19 +129,19 @@ def compile_step(net: gpt.GPT, cache: StaticKVCache, weights: list[torch.Tensor]
     return torch.compile(net, mode="reduce-overhead" if cuda else "default", dynamic=False, fullgraph=True)
 
 
-def compiled_generate(net: gpt.GPT, weights: list[torch.Tensor], prompts: list[list[int]], max_new_tokens: int,
+def compiled_generate(net, weights: list[torch.Tensor], prompts: list[list[int]], max_new_tokens: int,
                       temperature, top_k, top_p, eos_id, stop, decode, generator, num_samples,
                       cache_dtype) -> list[list[int]]:
     """GPT.generate's loop with fixed shapes: ended rows stay in the batch (their tokens are ignored), every step
     attends over the whole cache, and the cache length is rounded up to a multiple of 128 so that few shapes, and
     few compiles, ever occur. The uniform draws are generate's, so the same seed gives the same answers."""
-    device = net.wte.weight.device
+    device, gpt = net.wte.weight.device, model_module(net)
     B, P = len(prompts), max(len(p) for p in prompts)
     if P + max_new_tokens > net.config.block_size:
         raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) > block_size {net.config.block_size}")
     S = min(-(-(P + max_new_tokens) // 128) * 128, net.config.block_size)
     idx, mask = gpt.left_pad(prompts, S, device)  # (B, P), (B, S)
-    cache = StaticKVCache(net.config, B, S, device, cache_dtype)
+    cache = StaticKVCache(gpt.KVCache(net.config, B, S, device, cache_dtype))
     last = torch.zeros((B, P), dtype=torch.bool, device=device)
     last[:, -1] = True
     logits = net(idx, attention_mask=mask, cache=cache, select=last)  # prefill, eager: (B, V)
