@@ -201,8 +201,8 @@ def test_implicit_scorer_equals_beta_log_ratio_from_dpo_py(tmp_path):
         score, _ = reward.load_scorer(f"implicit:{tmp_path / 'dpo'}", "cpu", reference=given)
         with torch.no_grad():
             got = score(batch)
-            pc, pr = dpo.concatenated_forward(policy.eval(), batch)
-            rc, rr = dpo.concatenated_forward(reference.eval(), batch)
+            pc, pr, _ = dpo.concatenated_forward(policy.eval(), batch)
+            rc, rr, _ = dpo.concatenated_forward(reference.eval(), batch)
         _, want_c, want_r = dpo.dpo_loss(pc, pr, rc, rr, beta=0.3)
         want = torch.cat([want_c, want_r])
         assert torch.allclose(got, want, atol=1e-5), f"implicit {got.tolist()} vs dpo.py {want.tolist()}"

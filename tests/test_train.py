@@ -142,7 +142,7 @@ def test_fused_logps_equal_unpadded_per_example_logps():
     batch = data.preference_batch(tok, range(len(PAIRS)))
     with torch.no_grad():
         fused = sft.sequence_logps(m, batch)  # (2B,)
-        chosen, rejected = dpo.concatenated_forward(m, batch)  # (B,) each
+        chosen, rejected, _ = dpo.concatenated_forward(m, batch)  # (B,) each
     enc = common.get_tokenizer()  # the reference tokenizes by itself, so data.py's slicing is under test too
     want = []
     for side in ("chosen", "rejected"):
@@ -586,7 +586,7 @@ def test_reference_cache_is_keyed_by_the_tokens(cache):
         tok = data.tokenize_pairs(data.synthetic_pairs("train", n=8, seed=seed), max_length=128,
                                   max_prompt_length=64)
         table = reference_logps.reference_logps(s, reference, tok, "train")
-        want = torch.stack(dpo.concatenated_forward(reference, data.preference_batch(tok, range(8))), -1).detach()
+        want = torch.stack(dpo.concatenated_forward(reference, data.preference_batch(tok, range(8)))[:2], -1).detach()
         diff = (torch.from_numpy(table) - want).abs().max().item()
         assert diff <= 1e-4, \
             f"pairs of seed {seed}: table {table.tolist()}\nexpected {want.tolist()}\nmax abs diff {diff}"
