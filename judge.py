@@ -24,15 +24,15 @@ The API key comes from $OPENAI_API_KEY only, and the endpoint from $OPENAI_BASE_
 the key is sent in one header and never printed or written anywhere.
 
 This file holds the judge's prompt, the one REST call, the verdict, and the statistics (Wilson interval, length-
-controlled win rate). Machinery it leans on: openai_client.py (retries, the thread pool, a clean stop, the bill),
-answer_store.py (what is reused from disk), results_tables.py (results.md, samples.md, accuracy.md). Stage 1 is sampling.py,
-which samples through engine.py.
+controlled win rate), in the order of the stages. Machinery it leans on: machinery/openai_client.py (the key and
+endpoint, retries, the thread pool, a clean stop, the bill) and machinery/results_tables.py (results.md, samples.md,
+accuracy.md). Stage 1 is sampling.py, which samples through machinery/fast_generate.py and reuses what is on disk
+through machinery/answer_store.py.
 """
 
 import dataclasses
 import hashlib
 import json
-import os
 import random
 from pathlib import Path
 
@@ -87,6 +87,8 @@ class Settings:
     price_output: float = 0.60  # USD per 1M output tokens (gpt-4o-mini)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Sample: sampling.py (each model answers every prompt at every temperature; Best of N)
 # ----------------------------------------------------------------------------------------------------------------
 # 2. Judge
 
@@ -157,8 +159,9 @@ def parse_verdict(text: str) -> str | None:
 
 
 def openai_judgment(body: dict, s: Settings, base_url: str, api_key: str, stop) -> dict | None:
-    """Ask the LLM judge (retried per apiclient's policy); an unparseable answer is asked once more (temperature 0 is
-    not fully deterministic on the API), then kept as invalid. None: abandoned after another request failed."""
+    """Ask the LLM judge (retried per openai_client.py's policy); an unparseable answer is asked once more
+    (temperature 0 is not fully deterministic on the API), then kept as invalid. None: abandoned after another
+    request failed."""
     send = lambda: chat_completion(body, base_url, api_key, s.timeout_s)  # noqa: E731
     usage, requests_sent = {"prompt_tokens": 0, "completion_tokens": 0}, 0
     for _ in range(2):
@@ -191,19 +194,23 @@ def groundtruth_judgment(comparison: dict, seed: int) -> dict:
 COMPARISON_FIELDS = ("model", "path", "step", "temperature", "position", "swap", "prompt")  # kept in each judgment
 
 
+def judgment_key(comparison: dict, body: dict | None, s: Settings) -> str:
+    """What a verdict is cached under: sha256 of the judge model and the exact request body (the LLM judge), or of
+    everything the ground-truth verdict depends on. The same key is never judged, or paid for, twice."""
+    if body is not None:
+        key = s.judge_model + "\n" + json.dumps(body, sort_keys=True)
+    else:
+        key = "groundtruth\n" + json.dumps([s.seed, *(comparison[k] for k in ("prompt", "response", "chosen", "position"))])
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 def judge_all(comparisons: list[dict], s: Settings, out: Path) -> list[dict]:
-    """Judge every comparison (a sample plus "position" and "swap"), reusing out/judgments.jsonl as a cache keyed by
-    sha256(judge model + exact request body), so that nothing is paid for twice; returns one judgment per
-    comparison, in order."""
+    """Judge every comparison (a sample plus "position" and "swap"), reusing out/judgments.jsonl as the cache of
+    judgment_key; returns one judgment per comparison, in order, with its outcome: win, loss or invalid."""
     path = out / "judgments.jsonl"
     cache = {r["key"]: r for r in common.read_jsonl(path)}
-    if s.judge == "openai":
-        bodies = [judge_request(c, s.judge_model, s.max_tokens) for c in comparisons]
-        keys = [s.judge_model + "\n" + json.dumps(b, sort_keys=True) for b in bodies]
-    else:
-        keys = ["groundtruth\n" + json.dumps([s.seed, c["prompt"], c["response"], c["chosen"], c["position"]])
-                for c in comparisons]
-    keys = [hashlib.sha256(k.encode()).hexdigest() for k in keys]
+    bodies = [judge_request(c, s.judge_model, s.max_tokens) if s.judge == "openai" else None for c in comparisons]
+    keys = [judgment_key(c, body, s) for c, body in zip(comparisons, bodies)]
     todo = list({k: i for i, k in enumerate(keys) if k not in cache}.values())  # identical requests go once
     print(f"judge ({s.judge}): {len(comparisons)} comparisons, {len(comparisons) - len(todo)} already judged or "
           f"repeated, {len(todo)} to judge")
@@ -217,18 +224,9 @@ def judge_all(comparisons: list[dict], s: Settings, out: Path) -> list[dict]:
     if s.judge == "groundtruth":
         for i in todo:
             record(i, groundtruth_judgment(comparisons[i], s.seed))
-    elif todo:
-        api_key = os.environ.get("OPENAI_API_KEY", "")
-        if not api_key:
-            raise openai_client.JudgeError(f"OPENAI_API_KEY is not set; export it to judge {len(todo)} comparisons "
-                                       "(samples are saved and will be reused), or use --dataset=synthetic "
-                                       "--judge=groundtruth")
-        base_url = os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1").rstrip("/")
-        openai_client.print_estimate(base_url, [bodies[i]["messages"][0]["content"] for i in todo],
-                                 common.get_tokenizer(), s.price_input, s.price_output)
-        openai_client.run_all(lambda i, stop: openai_judgment(bodies[i], s, base_url, api_key, stop), todo,
-                          s.concurrency, record)
-        openai_client.print_usage([cache[keys[i]] for i in todo], s.price_input, s.price_output)
+    elif todo:  # the API key, the bill's estimate, threads and retries: openai_client.py
+        openai_client.ask_all([bodies[i] for i in todo], s, lambda body, *call: openai_judgment(body, s, *call),
+                              lambda j, result: record(todo[j], result))
     judgments = []
     for c, k in zip(comparisons, keys):
         j = {**cache[k], **{f: c[f] for f in COMPARISON_FIELDS + ("response", "chosen")}}  # from an identical request
@@ -359,15 +357,8 @@ def preference_accuracy(s: Settings, out: Path) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def write_samples(rows: list[dict], s: Settings, temperature: float, out: Path) -> None:
-    """samples.md (results_tables.write_samples) of the models of --models and Best of N; not the --dpo_steps checkpoints,
-    nor the swap check's copies."""
-    rows = [j for j in rows if j["model"] != sampling.STEPS_MODEL and not j.get("swap")]
-    results_tables.write_samples(rows, temperature, s.seed, s.show, out, query_text)
-
-
-def main(argv: list[str] | None = None) -> list[dict]:
-    s = common.parse_settings(Settings, argv)
+def check(s: Settings) -> float:
+    """Settings that cannot work stop here, before anything is sampled; returns samples.md's temperature."""
     if s.judge not in ("openai", "groundtruth", "none"):
         raise ValueError(f"--judge is openai, groundtruth or none, got {s.judge!r}")
     if s.judge == "groundtruth" and s.dataset != "synthetic":
@@ -375,47 +366,33 @@ def main(argv: list[str] | None = None) -> list[dict]:
     show_temperature = min(s.temperatures) if s.show_temperature == -1 else s.show_temperature
     if show_temperature not in s.temperatures:
         raise ValueError(f"--show_temperature={s.show_temperature} is not one of --temperatures {s.temperatures}")
+    return show_temperature
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    s = common.parse_settings(Settings, argv)
+    show_temperature, out = check(s), Path(s.out)
     print(json.dumps(common.settings_dict(s)))
-    out = Path(s.out)
     (out / "samples").mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(common.settings_dict(s), indent=2))
-
-    prompts = sampling.eval_prompts(s.dataset, s.n, s.seed)
-    print(f"{len(prompts)} single-turn test prompts from {s.dataset}, {len(s.temperatures)} temperatures")
-    samples = []
-    for name, path in sampling.parse_models(s.models):
-        samples += sampling.sample_model(name, path, prompts, s, out / "samples" / f"{name}.jsonl")
-    for path in sampling.step_checkpoints(s.dpo_steps) if s.dpo_steps else []:
-        samples += sampling.sample_model(sampling.STEPS_MODEL, path, prompts, s, out / "samples" / f"dpo_{Path(path).name}.jsonl")
-    if s.best_of or s.scorer or s.best_of_from or s.best_of_curve:
-        samples += sampling.best_of_samples(s, prompts, out)
+    samples = sampling.sample_all(s, out)  # 1. sample (sampling.py)
     accuracy = preference_accuracy(s, out) if s.accuracy else []
+    shown = lambda rows: results_tables.write_samples(  # noqa: E731  samples.md: not the step checkpoints or swaps
+        [j for j in rows if j["model"] != sampling.STEPS_MODEL and not j.get("swap")], show_temperature, s.seed,
+        s.show, out, query_text)
     if s.judge == "none":
-        write_samples(samples, s, show_temperature, out)
+        shown(samples)
         return []
-
     comparisons = [{**x, "position": model_position(s.seed, x), "swap": False} for x in samples]
     picked = random.Random(s.seed).sample(range(len(comparisons)), min(s.swap_check, len(comparisons)))
     swapped = [{**comparisons[i], "position": "AB".replace(comparisons[i]["position"], ""), "swap": True}
                for i in picked]
-    judgments = judge_all(comparisons + swapped, s, out)
-    rows = score(judgments[: len(comparisons)], s.seed)  # the swapped copies only measure the judge
-    notes = [f"Judge: {s.judge_model if s.judge == 'openai' else 'true reward of the synthetic task'}. Win rate = "
-             "wins / (wins + losses) against the test set's chosen answer; invalid verdicts (unparseable after one "
-             "retry) are excluded from it and counted. 95% CI: Wilson score interval.",
-             "LC win rate: length-controlled, the win rate a logistic regression of the verdict on the standardised "
-             "length difference (model minus chosen, in tokens) predicts at equal length; 95% CI: bootstrap over "
-             "prompts. Tokens: mean GPT-2 tokens of the model's answers / of the chosen answers. Answers to read: "
-             "samples.md."]
-    if s.judge == "groundtruth":
-        notes.append("Ties: comparisons whose two answers earn the same true reward; a coin seeded by the comparison "
-                     "decides them, as a judge forced to answer A or B would, so about half of them count as wins.")
-    notes += [""] + accuracy if accuracy else []
-    if swapped:
-        notes.append(results_tables.swap_summary(list(zip([judgments[i] for i in picked], judgments[len(comparisons) :]))))
-    results_tables.write_results(rows, out, notes)
-    write_samples(judgments[: len(comparisons)], s, show_temperature, out)
-    print(f"next: python plot.py --out={out}")
+    judgments = judge_all(comparisons + swapped, s, out)  # 2. judge
+    rows = score(judgments[: len(comparisons)], s.seed)  # 3. score; the swapped copies only measure the judge
+    swaps = list(zip([judgments[i] for i in picked], judgments[len(comparisons):]))
+    results_tables.write_results(rows, out, results_tables.notes(s.judge, s.judge_model, accuracy, swaps))
+    shown(judgments[: len(comparisons)])
+    print(f"next: python plot.py --out={out}")  # 4. plot
     return rows
 
 

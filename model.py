@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from machinery import common, vocab_head
+from machinery import common, transformers_files, vocab_head
 from machinery.safetensors_file import read_safetensors, write_safetensors
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -342,7 +342,7 @@ def hf_to_ours(hf: dict[str, torch.Tensor], path) -> dict[str, torch.Tensor]:
     sd = {}
     for key, t in hf.items():
         key = key.removeprefix("transformer.")
-        if key.endswith((".attn.bias", ".attn.masked_bias")):
+        if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "score.weight":  # score: a reward head
             continue
         sd[key] = t.t() if key.endswith(CONV1D) else t
     lm_head = sd.pop("lm_head.weight", None)
@@ -413,13 +413,18 @@ def load_model(name_or_path: str) -> GPT:
     return model
 
 
-def save_model(model: GPT, directory: Path, meta: dict | None = None, state_dict: dict | None = None) -> None:
-    """Write model.safetensors (hub layout) + config.json into `directory`, atomically. `state_dict`: the weights to
-    write instead of model.state_dict() (a sharded model's, gathered whole: see parallel.full_state_dict)."""
+def save_model(model: GPT, directory: Path, meta: dict | None = None, state_dict: dict | None = None,
+               score=None) -> None:
+    """Write model.safetensors (hub layout), config.json and the tokenizer's files into `directory`, atomically, so
+    that transformers opens it as it is (machinery/transformers_files.py). `state_dict`: the weights to write instead
+    of model.state_dict() (a sharded model's, gathered whole); `score`: a reward model's head (1, C) (reward.py)."""
     with common.new_dir(directory) as tmp:
-        write_safetensors(tmp / "model.safetensors", ours_to_hf(model, state_dict), {"format": "pt"})
-        config = {"model": dataclasses.asdict(model.config), "meta": meta or {}}
+        hf = ours_to_hf(model, state_dict) | ({} if score is None else {"score.weight": score})
+        write_safetensors(tmp / "model.safetensors", hf, {"format": "pt"})
+        ours = dataclasses.asdict(model.config)  # GPT2Config's keys first, ours beside them: we read "model"
+        config = transformers_files.gpt2_config(ours, score is not None) | {"model": ours, "meta": meta or {}}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        transformers_files.write_tokenizer_files(tmp)
 
 
 @dataclasses.dataclass

@@ -81,25 +81,25 @@ def plot_temperature(rows: list[dict], path: Path) -> None:
     line_plot(group_by(rows, "model"), "temperature", "sampling temperature", "Win rate vs temperature", path)
 
 
-def best_of_k(row: dict) -> int | None:
+def best_of_size(row: dict) -> int | None:
     """k of a best_of_<k> row (judge.py's Best of N), else None."""
     return int(row["model"][len(sampling.BEST_OF) :]) if row["model"].startswith(sampling.BEST_OF) else None
 
 
 def largest_best_of(rows: list[dict]) -> list[dict]:
     """Figure 3 left shows Best of N at the largest N judged; the smaller k of --best_of_curve go to best_of_n.png."""
-    ks = [best_of_k(r) for r in rows if best_of_k(r)]
-    return [r for r in rows if best_of_k(r) in (None, max(ks, default=None))]
+    ks = [best_of_size(r) for r in rows if best_of_size(r)]
+    return [r for r in rows if best_of_size(r) in (None, max(ks, default=None))]
 
 
 def plot_best_of(rows: list[dict], path: Path) -> None:
     """Win rate of best_of_<k> against k (evenly spaced 1, 2, 4, ..., N), one line per temperature."""
-    rows = [r for r in rows if best_of_k(r)]
-    ks = sorted({best_of_k(r) for r in rows})
+    rows = [r for r in rows if best_of_size(r)]
+    ks = sorted({best_of_size(r) for r in rows})
     if len(ks) < 2:
         print(f"Best of N judged at {len(ks)} value(s) of N: skipping {path.name} (judge.py --best_of_curve draws it)")
         return
-    rows = [{**r, "k_index": ks.index(best_of_k(r))} for r in rows]
+    rows = [{**r, "k_index": ks.index(best_of_size(r))} for r in rows]
     groups = {f"T = {t}": rs for t, rs in group_by(rows, "temperature").items()}
     line_plot(groups, "k_index", "N (answers sampled, best one judged)", "Best of N: win rate vs N", path,
               xticklabels=[str(k) for k in ks])

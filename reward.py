@@ -26,7 +26,7 @@ sft.py's loop; chosen and rejected go through one concatenated forward pass, as 
 Reading order: the model (where its reward is read; saved as the trunk in the hub layout and the head beside it),
 the Bradley-Terry loss, the scorers judge.py uses (reward model, DPO implicit reward, likelihood), `main`.
 
-Machinery it leans on: sft.py's loop and, through it, checkpoint.py (which saves and resumes this model through its
+Machinery it leans on: sft.py's loop and, through it, checkpoints.py (which saves and resumes this model through its
 `save` and `load`); common.py for the atomic directory swap that keeps the trunk and its head together.
 """
 
@@ -115,7 +115,9 @@ class RewardModel(nn.Module):
         sd = self.state_dict() if state_dict is None else state_dict
         trunk = {k.removeprefix("gpt."): v for k, v in sd.items() if k.startswith("gpt.")}
         with common.new_dir(directory, ".rm") as tmp:
-            gpt.save_model(self.gpt, tmp, meta=meta, state_dict=trunk)
+            # the head also goes into model.safetensors as transformers' score.weight, scaled: see README "Use your
+            # model elsewhere" (GPT2ForSequenceClassification's logits[0, 0] on one sequence ending in EOT = r_phi)
+            gpt.save_model(self.gpt, tmp, meta=meta, state_dict=trunk, score=HEAD_SCALE * sd["head.weight"].float())
             gpt.write_safetensors(tmp / HEAD_FILE, {"head.weight": sd["head.weight"]}, {"format": "pt"})
 
     def load(self, directory: Path) -> dict:

@@ -237,3 +237,18 @@ def best_of_samples(s, prompts: list[dict], out: Path) -> list[dict]:
     prompts = prompts[: s.best_of_prompts or len(prompts)]
     pool = sample_best_of(sampler, prompts, s, out / "samples" / "best_of.jsonl")
     return [x for k in best_of_ks(s.best_of, s.best_of_curve) for x in best_of_k(pool, k)]
+
+
+def sample_all(s, out: Path) -> list[dict]:
+    """Stage 1 of judge.py: every model of --models, every step checkpoint of --dpo_steps and Best of N answer the
+    evaluation prompts at every temperature (stored under out/samples/, reused when nothing changed)."""
+    prompts = eval_prompts(s.dataset, s.n, s.seed)
+    print(f"{len(prompts)} single-turn test prompts from {s.dataset}, {len(s.temperatures)} temperatures")
+    samples = []
+    for name, path in parse_models(s.models):
+        samples += sample_model(name, path, prompts, s, out / "samples" / f"{name}.jsonl")
+    for path in step_checkpoints(s.dpo_steps) if s.dpo_steps else []:
+        samples += sample_model(STEPS_MODEL, path, prompts, s, out / "samples" / f"dpo_{Path(path).name}.jsonl")
+    if s.best_of or s.scorer or s.best_of_from or s.best_of_curve:
+        samples += best_of_samples(s, prompts, out)
+    return samples

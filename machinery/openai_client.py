@@ -1,6 +1,7 @@
-"""What makes judge.py's calls to a real API survive: retries, many requests in flight, a clean stop, the bill.
+"""What makes judge.py's calls to a real API survive: the key and endpoint, retries, many requests in flight, a clean
+stop, the bill.
 
-    python judge.py ...      # every LLM verdict goes through post_with_retries and run_all here
+    python judge.py ...      # every LLM verdict goes through ask_all, post_with_retries and run_all here
 
 What it guards, measured against a loopback server that misbehaves on purpose (tests/test_judge.py): a 429 with
 Retry-After, a 5xx, a timeout, a truncated JSON body and an unparseable verdict each cost one retry and lose no
@@ -10,10 +11,13 @@ Ctrl-C or a fatal error wakes the threads that wait to retry and drops the queue
 """
 
 import concurrent.futures
+import os
 import random
 import threading
 
 import requests
+
+from machinery import common
 
 
 class JudgeError(RuntimeError):
@@ -104,6 +108,24 @@ def run_all(work, items: list, concurrency: int, record) -> None:
             stop.set()
             pool.shutdown(cancel_futures=True)
             raise
+
+
+def ask_all(bodies: list[dict], s, ask, record) -> None:
+    """Send every Chat Completions request body: ask(body, base_url, api_key, stop) -> result (judge.py's
+    openai_judgment) on s.concurrency threads (run_all), record(i, result) as each one finishes. The key comes from
+    $OPENAI_API_KEY only and the endpoint from $OPENAI_BASE_URL (default OpenAI's); the key is never printed or
+    written. Before: what it should cost (print_estimate); after: what it did cost (print_usage)."""
+    api_key = os.environ.get("OPENAI_API_KEY", "")
+    if not api_key:
+        raise JudgeError(f"OPENAI_API_KEY is not set; export it to judge {len(bodies)} comparisons (samples are saved "
+                         "and will be reused), or use --dataset=synthetic --judge=groundtruth")
+    base_url = os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1").rstrip("/")
+    print_estimate(base_url, [b["messages"][0]["content"] for b in bodies], common.get_tokenizer(), s.price_input,
+                   s.price_output)
+    results = {}
+    run_all(lambda i, stop: ask(bodies[i], base_url, api_key, stop), list(range(len(bodies))), s.concurrency,
+            lambda i, result: (results.__setitem__(i, result), record(i, result)))
+    print_usage(list(results.values()), s.price_input, s.price_output)
 
 
 def print_estimate(base_url: str, contents: list[str], enc, price_input: float, price_output: float) -> None:

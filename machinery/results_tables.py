@@ -40,6 +40,24 @@ def write_accuracy(rows: list[dict], dataset: str, out: Path) -> list[str]:
     return table
 
 
+def notes(judge: str, judge_model: str, accuracy: list[str], swaps: list[tuple[dict, dict]]) -> list[str]:
+    """The prose under results.md's table: what the columns mean, the accuracy table, the swap check's line."""
+    lines = [f"Judge: {judge_model if judge == 'openai' else 'true reward of the synthetic task'}. Win rate = "
+             "wins / (wins + losses) against the test set's chosen answer; invalid verdicts (unparseable after one "
+             "retry) are excluded from it and counted. 95% CI: Wilson score interval.",
+             "LC win rate: length-controlled, the win rate a logistic regression of the verdict on the standardised "
+             "length difference (model minus chosen, in tokens) predicts at equal length; 95% CI: bootstrap over "
+             "prompts. Tokens: mean GPT-2 tokens of the model's answers / of the chosen answers. Answers to read: "
+             "samples.md."]
+    if judge == "groundtruth":
+        lines.append("Ties: comparisons whose two answers earn the same true reward; a coin seeded by the comparison "
+                     "decides them, as a judge forced to answer A or B would, so about half of them count as wins.")
+    lines += [""] + accuracy if accuracy else []
+    if swaps:
+        lines.append(swap_summary(swaps))
+    return lines
+
+
 def swap_summary(pairs: list[tuple[dict, dict]]) -> str:
     """Position bias: a comparison judged in both orders whose verdict names the same letter both times
     followed the position, not the content."""

@@ -1,14 +1,14 @@
 """The vocabulary head for training: exact log-probs of the response tokens, in bounded memory, at bf16 speed on GPUs.
 
-    python head.py                   # the error table below, measured
+    python -m machinery.vocab_head   # the error table below, measured
     python bench.py --head=true      # peak memory of a gpt2 DPO step, plain vs chunked head; the head's GPU share
 
 Every log-prob that DPO, SFT and the scorers use is log pi(y_t | ...) = z[y_t] - logsumexp(z), with z = h W^T the
 logits of one response position: h (C,) the final hidden state, W (V, C) the head (tied to the embeddings).
 
 Precision. GPT-2's logits are large (tens to ~100), where bf16 rounds to steps of 0.25-0.5. The error of a
-log-prob summed over 128 positions, against fp64, on hidden states and a head with GPT-2's logit sizes (`python
-head.py` measures it; one dominant hidden dimension, as GPT-2's final hidden states have):
+log-prob summed over 128 positions, against fp64, on hidden states and a head with GPT-2's logit sizes (`python -m
+machinery.vocab_head` measures it; one dominant hidden dimension, as GPT-2's final hidden states have):
 
     z = h W^T computed as                                                   error (nat)
     fp32 matmul (what we use on CPUs, and on GPUs without out_dtype)         0.0003
@@ -72,7 +72,7 @@ def has_out_dtype(device: torch.device) -> bool:
         a = torch.ones(16, 16, device=device, dtype=torch.bfloat16)
         return cuda_mm(a, a).dtype == torch.float32
     except (TypeError, RuntimeError, NotImplementedError, AssertionError) as e:  # AssertionError: a CPU-only torch
-        print(f"head.py: no bf16-in, fp32-out torch.mm on {device} (torch {torch.__version__}: {e}); the vocabulary "
+        print(f"vocab_head.py: no bf16-in, fp32-out torch.mm on {device} (torch {torch.__version__}: {e}); the vocabulary "
               "head runs in fp32 there, exact but without tensor cores")
         return False
 
