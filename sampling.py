@@ -49,7 +49,7 @@ def parse_models(spec: str) -> list[tuple[str, str]]:
 
 def step_checkpoints(run_dir: str) -> list[str]:
     """The intermediate checkpoints step_000200, step_000400, ... that a DPO run saved every save_every steps."""
-    steps = sorted(str(p) for p in Path(run_dir).glob("step_*") if (p / "model.safetensors").exists())
+    steps = sorted(str(p) for p in Path(run_dir).glob("step_*") if gpt.weights_file(p).exists())
     if not steps:
         raise FileNotFoundError(f"no step_*/model.safetensors in {run_dir}; train with dpo.py --save_every=N")
     return steps
