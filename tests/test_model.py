@@ -368,3 +368,87 @@ def test_dtype_policy_follows_the_cpu():
     assert dtype == (torch.bfloat16 if flag else torch.float32), (dtype, flag)
     assert (flag or "no native bf16") in reason, reason
     assert common.pick_device("cpu", "float32")[1] == torch.float32  # an explicit --dtype always wins
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints that transformers opens as they are (machinery/transformers_files.py; issue 27)
+
+HH_TEXT = ("\n\nHuman: What kind of noises did dinosaurs make?\n\nAssistant: Humans and dinosaurs didn't live at the "
+           "same time, so it's hard to say.\n\nHuman: you can't read  \u00fc\u00df \U0001F642\n\nAssistant: You can read?")
+
+
+def trained_tiny(steps: int = 3) -> gpt.GPT:
+    """A 2-layer GPT-2 with the real vocabulary, a few Adam steps away from its init (biases and LayerNorms moved)."""
+    torch.manual_seed(0)
+    m = gpt.GPT(gpt.GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64))
+    ids = torch.tensor([common.get_tokenizer().encode_ordinary(HH_TEXT)[:64]])
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(m(ids[:, :-1])[0], ids[0, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval()
+
+
+def test_saved_directory_opens_in_transformers_as_it_is(tmp_path):
+    """Catches a checkpoint transformers cannot open without a conversion step: a config.json lacking GPT2Config's
+    keys (or with a wrong one: activation "gelu" instead of "gelu_new", another layer_norm_epsilon, n_positions),
+    missing or swapped vocab.json / merges.txt, a tokenizer whose ids differ from tiktoken's on HH text; and our own
+    loader no longer reading the directory (the config's "model" entry)."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    ours = trained_tiny()
+    gpt.save_model(ours, tmp_path / "ckpt", meta={"step": 3})
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "ckpt").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    want = common.get_tokenizer().encode_ordinary(HH_TEXT)
+    got = tokenizer(HH_TEXT)["input_ids"]
+    assert got == want, f"AutoTokenizer ids differ from tiktoken's at {next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)}"
+    assert tokenizer.decode(want) == HH_TEXT and tokenizer.eos_token_id == gpt.EOT
+    idx = torch.tensor([want[:64]])
+    with torch.no_grad():
+        diff = (ours(idx) - hf(idx).logits).abs().max().item()
+    # 1e-5, tighter than the issue's 1e-4: both run the same fp32 ops (~1e-6 apart), and "gelu" for "gelu_new" is ~5e-5
+    assert diff <= 1e-5, f"transformers' logits vs ours on the saved checkpoint: max abs diff {diff}"
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["architectures"] == ["GPT2LMHeadModel"], config
+    again = gpt.load_model(str(tmp_path / "ckpt"))
+    assert again.config == ours.config and config["meta"] == {"step": 3}
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in ours.state_dict().items())
+
+
+def test_checkpoints_written_before_still_load(tmp_path):
+    """Catches a loader that needs the new files: a directory as model.save_model wrote it before issue 27
+    (config.json = {"model", "meta"} only, no tokenizer files) must load as it did."""
+    ours = trained_tiny(steps=1)
+    gpt.save_model(ours, tmp_path / "old")
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / "old" / name).unlink()
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    (tmp_path / "old" / "config.json").write_text(json.dumps({"model": config["model"], "meta": config["meta"]}))
+    again = gpt.load_model(str(tmp_path / "old"))
+    assert again.config == ours.config
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in ours.state_dict().items())
+
+
+def test_reward_model_opens_as_a_transformers_sequence_classifier(tmp_path):
+    """Catches a reward directory whose transformers reading is not our reward: the head saved without HEAD_SCALE,
+    a config that is not one-label GPT2ForSequenceClassification, or a pad_token_id set to <|endoftext|> (then
+    transformers reads the token before the final EOT). Our loader must still ignore score.weight."""
+    from transformers import GPT2ForSequenceClassification
+
+    import reward
+
+    rm = reward.RewardModel(trained_tiny(steps=1)).eval()
+    torch.nn.init.normal_(rm.head.weight, std=0.1)
+    rm.save(tmp_path / "rm")
+    hf = GPT2ForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    tokens = torch.tensor([common.get_tokenizer().encode_ordinary(HH_TEXT)[:40] + [gpt.EOT]])
+    last = torch.zeros_like(tokens, dtype=torch.bool)
+    last[0, -1] = True
+    with torch.no_grad():
+        ours, theirs = rm(tokens, last)[0].item(), hf(tokens).logits[0, 0].item()
+    assert abs(ours - theirs) <= 1e-4 * max(1.0, abs(ours)), f"reward: ours {ours}, transformers {theirs}"
+    loaded = reward.load_reward_model(tmp_path / "rm")
+    assert torch.equal(loaded.head.weight, rm.head.weight)

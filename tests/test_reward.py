@@ -170,7 +170,8 @@ def test_checkpoint_layout_and_exact_resume(tmp_path):
     assert all(torch.equal(v, straight.gpt.state_dict()[k]) for k, v in trunk.state_dict().items())
     loaded = reward.load_reward_model(final)
     assert torch.equal(loaded.head.weight, straight.head.weight) and straight.head.weight.abs().sum() > 0
-    assert sorted(p.name for p in final.iterdir()) == ["config.json", "model.safetensors", reward.HEAD_FILE]
+    assert sorted(p.name for p in final.iterdir()) == sorted(["config.json", "model.safetensors", reward.HEAD_FILE,
+        "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"])  # the last four: transformers
     # under FSDP sft.py passes the gathered whole weights: those must be written, not the module's own (shards)
     other = random_rm(SMALL, seed=3)
     straight.save(tmp_path / "given", state_dict=other.state_dict())
