@@ -1,14 +1,16 @@
-"""fast_generate.py against the plain path it speeds up: gpt.GPT.generate, and the decoder that re-runs everything.
+"""machinery/fast_generate.py against the plain path it speeds up: gpt.GPT.generate, and the decoder that re-runs
+everything.
 
 Every fast path must give the plain generate's tokens: the prepared (cast, on CPU packed) weights, the fp32 CPU cache
 and the compiled decode step. Each docstring names the bug its test would catch."""
 
 import pytest
 import torch
-from test_model import SMALL, greedy_without_cache, small_with_biases
 
 import model as gpt
 from machinery import fast_generate
+from tests.helpers import SMALL_VOCAB as SMALL
+from tests.helpers import greedy_without_cache, small_with_biases
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
 

@@ -1,5 +1,5 @@
-"""vocab_head.py against what it replaces: the plain fp32 head (all N rows of logits at once, autograd's log-softmax), and
-fp64 for the split-bf16 product. Each docstring names the bug its test would catch."""
+"""machinery/vocab_head.py against what it replaces: the plain fp32 head (all N rows of logits at once, autograd's
+log-softmax), and fp64 for the split-bf16 product. Each docstring names the bug its test would catch."""
 
 import pytest
 import torch
@@ -133,3 +133,32 @@ def test_the_split_product_is_chosen_only_where_out_dtype_exists(monkeypatch, ca
     for name, a, b in (("d hidden", d_hidden, exact[1]), ("d head", d_weight, exact[2])):
         cos = F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
         assert cos > 0.999, f"{name}: cosine {cos:.5f} with the fp32 gradient (bf16 products keep ~0.9999)"
+
+
+@pytest.mark.parametrize("keep", [0, 2**30], ids=["recomputed", "kept"])
+def test_the_split_path_sums_the_heads_gradient_over_its_chunks(keep, monkeypatch):
+    """The split-bf16 path (chosen on CUDA where torch.mm has out_dtype; emulated here: bf16 inputs, fp32 products)
+    over 5 chunks of 8 rows, against the same path in one chunk and against the plain fp32 head; forward under bf16
+    autocast and backward after it, as sft.train runs them. Catches the head's gradient overwritten by each chunk
+    instead of summed over them (only one chunk's share would be left: the other test of this path has one chunk),
+    a chunk's d hidden written to another chunk's rows, and logits kept for the wrong chunk on this path."""
+    monkeypatch.setattr(vocab_head, "KEEP_BYTES", {"cpu": keep})
+    monkeypatch.setattr(vocab_head, "has_out_dtype", lambda device: True)
+    calls = []
+    monkeypatch.setattr(vocab_head, "cuda_mm", lambda a, b: calls.append(a.dtype) or EMULATED(a, b))
+    hidden, weight, targets, upstream = small(40)
+
+    def split_path(chunk: int):
+        h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logps = vocab_head.response_logprobs(h, w, targets, chunk)
+        (logps * upstream).sum().backward()
+        return logps.detach(), h.grad, w.grad
+
+    exact, one, five = grads(plain, hidden, weight, targets, upstream), split_path(40), split_path(8)
+    assert calls and set(calls) == {torch.bfloat16}, calls  # the split path ran, in bf16
+    for name, a, b, c in zip(("log-probs", "d hidden", "d head"), five, one, exact):
+        chunks = ((a - b).norm() / b.norm()).item()  # the same products, summed in another order
+        fp32 = ((a - c).norm() / c.norm()).item()  # bf16 products against the fp32 head
+        assert chunks <= 1e-4 and fp32 <= 0.02, \
+            f"{name}: relative error of 5 chunks vs 1 chunk {chunks:.2e}, vs the fp32 head {fp32:.2e}"
