@@ -68,7 +68,8 @@ def reference_table(s, reference, tok: dict, split: str):
                                       for t in reference.state_dict().values())).hexdigest()[:16]
     batch_fn = lambda ids: data.preference_batch(tok, ids)  # noqa: E731
     logps = lambda model, batch: dpo.concatenated_forward(model, batch)[:2]  # noqa: E731
-    return reference_logps.precompute(s, distributed.setup(s), reference, f"test:{weights}", tok, split, batch_fn, logps)
+    run = distributed.setup(s)
+    return reference_logps.precompute(s, run, reference, f"test:{weights}", tok, split, batch_fn, logps)
 
 
 def run_sft(s, m, tok, loss_fn=sft.sft_loss, on="response"):

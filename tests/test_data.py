@@ -7,9 +7,7 @@ The HH fixtures are our own records in the dataset's exact format, gzipped and s
 
 import gzip
 import json
-import multiprocessing
 import random
-import time
 from collections import Counter
 from types import SimpleNamespace
 
@@ -19,7 +17,7 @@ import torch
 
 import data
 import model as gpt
-from machinery import batch_order, common
+from machinery import common
 
 H, A = "\n\nHuman:", "\n\nAssistant:"
 MULTI_PROMPT = f"{H} Hi there{A} Hello! How can I help?{H} Name a fruit, please.{A}"
@@ -231,45 +229,6 @@ def test_tokenized_dataset_is_cached_by_source_and_settings(hub, monkeypatch):
     assert data.n_examples(data.tokenize_dataset("hh:helpful-base", "test", 64, 32)) == 2
 
 
-def _tokenize_in_a_race(barrier, results):
-    """One of several processes that tokenize into the same empty cache at the same moment (fork: shares the
-    parent's DPO_CACHE). A slow writer holds each temporary file open long enough for every process to be inside
-    the write at once, which is what two torchrun ranks starting together do by chance."""
-    real_savez = np.savez
-
-    def slow_savez(file, **arrays):
-        time.sleep(0.3)
-        real_savez(file, **arrays)
-
-    np.savez = slow_savez
-    barrier.wait()
-    try:
-        tok = data.tokenize_dataset("synthetic", "test", max_length=64, max_prompt_length=32)
-        results.put(("ok", int(tok["chosen_ids"].sum())))
-    except Exception as e:  # noqa: BLE001 -- the parent reports what each process hit
-        results.put(("failed", repr(e)))
-
-
-def test_processes_starting_together_on_an_empty_cache_all_succeed(tmp_path, monkeypatch):
-    """Catches: every writer sharing one temporary name (`x.npz.tmp`): the first rename moves the file away and
-    the other processes die with FileNotFoundError, as a fresh multi-GPU run did. All must succeed with the same
-    arrays, and leave exactly one cache file and no temporary files behind."""
-    monkeypatch.setenv("DPO_CACHE", str(tmp_path))
-    ctx = multiprocessing.get_context("fork")
-    n = 4
-    barrier, results = ctx.Barrier(n), ctx.Queue()
-    procs = [ctx.Process(target=_tokenize_in_a_race, args=(barrier, results)) for _ in range(n)]
-    for p in procs:
-        p.start()
-    outcomes = [results.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-    assert [status for status, _ in outcomes] == ["ok"] * n, outcomes
-    assert len({checksum for _, checksum in outcomes}) == 1, outcomes
-    assert [f.name for f in (tmp_path / "tokenized").iterdir()] == [
-        next((tmp_path / "tokenized").glob("*.npz")).name], list((tmp_path / "tokenized").iterdir())
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Batches
 
@@ -330,55 +289,6 @@ def test_preference_batch_stacks_chosen_then_rejected_at_one_length(tok):
         check_row(batch, 3 + row, *expected_rows(tok, i, "rejected"))
     lengths = data.example_lengths(tok, "pref")
     assert lengths[indices].max() == longest
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The epoch sampler
-
-LENGTHS = np.random.default_rng(0).integers(10, 500, size=1003)
-
-
-@pytest.mark.parametrize("group_by_length", [True, False])
-def test_every_example_exactly_once_per_epoch(group_by_length):
-    """Catches: examples lost or repeated by the chunk sort or the batch shuffle, and drop_last ignored."""
-    batches = batch_order.epoch_batches(LENGTHS, 16, seed=1, epoch=0, group_by_length=group_by_length, drop_last=False)
-    assert sorted(np.concatenate(batches).tolist()) == list(range(len(LENGTHS)))
-    dropped = batch_order.epoch_batches(LENGTHS, 16, seed=1, epoch=0, group_by_length=group_by_length)
-    assert all(len(b) == 16 for b in dropped) and len(dropped) == len(LENGTHS) // 16
-
-
-def test_order_is_a_pure_function_of_seed_and_epoch():
-    """Catches: order depending on global random state (resume would replay different batches), the same order
-    every epoch, and resume from step k not matching the uninterrupted run."""
-    run = batch_order.epoch_batches(LENGTHS, 16, seed=1, epoch=3)
-    np.random.seed(123)
-    random.seed(123)
-    torch.manual_seed(123)
-    resumed = batch_order.epoch_batches(LENGTHS, 16, seed=1, epoch=3)[20:]  # the loop restarted at step 20
-    assert all(np.array_equal(a, b) for a, b in zip(run[20:], resumed, strict=True))
-    other_epoch = batch_order.epoch_batches(LENGTHS, 16, seed=1, epoch=4)
-    other_seed = batch_order.epoch_batches(LENGTHS, 16, seed=2, epoch=3)
-    assert not np.array_equal(np.concatenate(run), np.concatenate(other_epoch))
-    assert not np.array_equal(np.concatenate(run), np.concatenate(other_seed))
-
-
-def test_rank_shards_are_disjoint_and_cover_the_batch():
-    """Catches: ranks training on overlapping rows or skipping some, when each takes batch[rank::world_size]."""
-    for batch in batch_order.epoch_batches(LENGTHS, 16, seed=0, epoch=0, drop_last=False):
-        shards = [batch[rank::4] for rank in range(4)]
-        assert sorted(np.concatenate(shards).tolist()) == sorted(batch.tolist())
-
-
-def test_grouping_by_length_cuts_padding_but_keeps_batch_order_random():
-    """Catches: grouping that does not sort (or sorts the wrong thing) and so saves no padding, and sorted batches
-    left in length order (every epoch would start with its shortest batches)."""
-    batches = batch_order.epoch_batches(LENGTHS, 16, seed=0, epoch=0)
-    grouped = batch_order.padding_fraction(LENGTHS, batches)
-    longest = [LENGTHS[batch].max() for batch in batches]
-    assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
-    mixed = batch_order.padding_fraction(LENGTHS, batch_order.epoch_batches(LENGTHS, 16, seed=0, epoch=0, group_by_length=False))
-    assert grouped < 0.05 < 0.3 < mixed, f"padding grouped {grouped:.3f}, random {mixed:.3f}"
-    assert batch_order.padding_fraction([5, 5, 10], [np.array([0, 2]), np.array([1])]) == pytest.approx(5 / 25)
 
 
 # ---------------------------------------------------------------------------------------------------------------

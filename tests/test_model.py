@@ -1,4 +1,5 @@
-"""model.py against independent references: transformers' GPT-2, the safetensors package, a loopback hub."""
+"""model.py against independent references: transformers' GPT-2, a loopback hub, the naive decoder. The safetensors
+format, downloads and settings it uses are tested in tests/machinery/."""
 
 import dataclasses
 import json
@@ -9,8 +10,8 @@ from safetensors.torch import load_file, save_file
 
 import model as gpt
 from machinery import common
-
-SMALL = gpt.GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=97, block_size=64)
+from tests.helpers import SMALL_VOCAB as SMALL
+from tests.helpers import greedy_without_cache, small_with_biases
 
 
 def hf_gpt2(config: gpt.GPTConfig, seed: int = 0):
@@ -90,61 +91,8 @@ def test_preset_parameter_counts():
         assert abs(n - count) / count < 1e-3, f"{name}: {n / 1e6:.2f}M parameters, expected {count / 1e6:.2f}M"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_safetensors_interop(tmp_path, dtype):
-    """Our reader and writer against the reference package, byte-exact, for each float width."""
-    tensors = {"a.weight": torch.randn(3, 5).to(dtype), "b": torch.randn(7).to(dtype), "c": torch.randn(2, 2, 2).to(dtype)}
-    gpt.write_safetensors(tmp_path / "ours.safetensors", tensors, {"format": "pt"})
-    theirs = load_file(tmp_path / "ours.safetensors")
-    save_file(tensors, tmp_path / "theirs.safetensors", metadata={"format": "pt"})
-    ours, meta = gpt.read_safetensors(tmp_path / "theirs.safetensors")
-    assert meta == {"format": "pt"}
-    for name, t in tensors.items():
-        for got in (theirs[name], ours[name]):
-            assert got.dtype == dtype and got.shape == t.shape
-            assert got.view(torch.uint8).numpy().tobytes() == t.view(torch.uint8).numpy().tobytes(), name
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Downloads against a loopback server (tests/conftest.py: file_server)
-
-
-def test_download_resumes_after_cut(file_server, tmp_path, capsys):
-    """The connection drops halfway: the second try must ask for the rest with Range and produce the exact file."""
-    blob = bytes(range(256)) * 4000  # ~1 MB
-    file_server.files["/f.bin"] = blob
-    file_server.cut_once.add("/f.bin")
-    dest = tmp_path / "f.bin"
-    common.download(file_server.url + "/f.bin", dest)
-    assert dest.read_bytes() == blob
-    assert not (tmp_path / "f.bin.part").exists()
-    assert file_server.requests[0] == ("/f.bin", None)
-    assert file_server.requests[1][1].startswith("bytes=") and int(file_server.requests[1][1][6:-1]) > 0
-    assert "MiB" in capsys.readouterr().err  # progress was shown
-
-
-def test_download_never_leaves_partial_file_under_final_name(file_server, tmp_path):
-    """Every try is cut: the final name must not exist (a later run would trust a partial file)."""
-    file_server.files["/g.bin"] = b"x" * 100_000
-
-    class AlwaysCut(set):
-        def __contains__(self, item):
-            return True
-
-        def discard(self, item):
-            pass
-
-    file_server.cut_once = AlwaysCut()
-    with pytest.raises(common.DownloadError, match="cannot download"):
-        common.download(file_server.url + "/g.bin", tmp_path / "g.bin", retries=2)
-    assert not (tmp_path / "g.bin").exists()
-
-
-def test_download_checks_sha256(file_server, tmp_path):
-    file_server.files["/h.bin"] = b"hello"
-    with pytest.raises(common.DownloadError, match="sha256 mismatch"):
-        common.download(file_server.url + "/h.bin", tmp_path / "h.bin", sha256="0" * 64)
-    assert not (tmp_path / "h.bin").exists()
+# Loading from the hub (tests/conftest.py: file_server), and its errors
 
 
 def test_from_pretrained_via_hub_and_errors(file_server, tmp_path, monkeypatch):
@@ -172,26 +120,6 @@ def test_load_errors_are_clear(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Generation
-
-
-def greedy_without_cache(m: gpt.GPT, prompt: list[int], n: int) -> list[int]:
-    """The naive reference: re-run the whole sequence for every token."""
-    seq = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            seq.append(m(torch.tensor([seq]))[0, -1].argmax().item())
-    return seq[len(prompt) :]
-
-
-def small_with_biases(seed: int = 0) -> gpt.GPT:
-    """SMALL with non-zero biases and LayerNorm terms (GPT-2's init zeroes them), so a path that drops one shows."""
-    torch.manual_seed(seed)
-    m = gpt.GPT(SMALL).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith("bias") or ".ln_" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return m
 
 
 def test_generate_cache_and_batching_match_naive():
@@ -272,30 +200,6 @@ def test_top_k_and_top_p_filter_the_right_tokens():
     assert set(gpt.sample_next(logits, 1.0, 1, None, g).tolist()) == {0}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Settings
-
-
-@dataclasses.dataclass
-class _Demo:
-    lr: float = 1e-6  # learning rate
-    flag: bool = False  # a switch
-    temps: tuple[float, ...] = (0.25, 1.0)  # several values
-    name: str = "x"  # text
-
-
-def test_parse_settings(capsys):
-    s = common.parse_settings(_Demo, ["--lr=3e-4", "--flag=true", "--temps=0.5,0.75", "--name=a=b"])
-    assert (s.lr, s.flag, s.temps, s.name) == (3e-4, True, (0.5, 0.75), "a=b")
-    with pytest.raises(SystemExit, match="did you mean --flag"):
-        common.parse_settings(_Demo, ["--flagg=1"])
-    with pytest.raises(SystemExit, match="true/false"):
-        common.parse_settings(_Demo, ["--flag=yes"])
-    with pytest.raises(SystemExit):
-        common.parse_settings(_Demo, ["--help"])
-    assert "learning rate" in capsys.readouterr().out
-
-
 def test_sampling_frequencies_match_the_softmax():
     """The inverse-CDF sampler must draw each token with its softmax probability (catches an off-by-one in
     searchsorted, or u drawn from the wrong range)."""
@@ -315,6 +219,10 @@ def test_temperature_divides_the_logits(temperature):
     freq = torch.bincount(draws, minlength=4).float() / len(draws)
     want = (logits / temperature).softmax(-1)
     assert (freq - want).abs().max() < 0.01, f"T={temperature}: frequencies {freq.tolist()} vs {want.tolist()}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The blocks
 
 
 def test_mlp_uses_gpt2s_tanh_gelu_over_a_realistic_range():
@@ -354,20 +262,6 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in m.parameters()])
     diff = max((a - b).abs().max().item() for a, b in zip(*grads))
     assert diff <= 1e-6, f"max abs gradient difference {diff}"
-
-
-def test_dtype_policy_follows_the_cpu():
-    """dtype=auto is bf16 exactly on CPUs with native bf16 matmul: catches a flag test that is always true or always
-    false, a pick_device that ignores it, an explicit --dtype that auto overrides, and a reason that hides the flag."""
-    assert common.cpu_bf16_flag("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\nbugs\t\t: spectre_v1") is None
-    assert common.cpu_bf16_flag("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n") == "amx_bf16"
-    assert common.cpu_bf16_flag("flags\t\t: fpu avx512_bf16\n") == "avx512_bf16"
-    assert common.cpu_bf16_flag("model name\t: Apple M2\nFeatures\t: fp asimd bf16\n") is None  # ARM: not claimed
-    device, dtype, reason = common.pick_device("cpu")
-    flag = common.cpu_bf16_flag()
-    assert dtype == (torch.bfloat16 if flag else torch.float32), (dtype, flag)
-    assert (flag or "no native bf16") in reason, reason
-    assert common.pick_device("cpu", "float32")[1] == torch.float32  # an explicit --dtype always wins
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Tests for reward.py and the parts of judge.py and plot.py built on it: Best of N and the accuracy table.
+"""reward.py: the reward model, its Bradley-Terry loss, its checkpoints, the scorers built on it (the implicit
+DPO reward), and judge.py's accuracy table of them. Best of N, which samples with them, is tested in
+tests/test_sampling.py.
 
 Oracles: closed forms (math.log/exp) for the Bradley-Terry loss, each row scored alone for a padded batch, dpo.py's
 own loss for the implicit reward, unfused per-example log-probs and a hand-written Wilson interval for the accuracy
@@ -18,44 +20,16 @@ import data
 import dpo
 import judge
 import model as gpt
-import plot
 import reward
-import sampling
 import sft
-from machinery import common, fast_generate
+from machinery import common
+from tests.helpers import SMALL, TINY, alone, random_rm
+from tests.helpers import SYNTHETIC_FP32 as SYNTHETIC
 
-SMALL = gpt.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=128)
-TINY = gpt.PRESETS["tiny"]  # judge.py's tests sample from the `tiny` preset
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors run faster on one thread
+
 FAST = dict(device="cpu", dtype="float32", warmup_steps=1, batch_size=16, micro_batch_size=8, max_length=128,
             max_prompt_length=64, eval_every=0, save_every=0, checkpoint_every=0, n_eval=128, optimizer="adamw")
-# fp32: the oracles score in fp32, and dtype=auto picks bf16 autocast on CPUs with native bf16 matmuls
-SYNTHETIC = ["--dataset=synthetic", "--judge=groundtruth", "--n=4", "--max_new_tokens=8", "--temperatures=0.5,1.0",
-             "--device=cpu", "--dtype=float32"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster on a busy 2-core machine (see test_train.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def random_rm(config=SMALL, seed: int = 0) -> reward.RewardModel:
-    """A reward model with a random (not zero) head, so that its rewards differ between answers."""
-    torch.manual_seed(seed)
-    rm = reward.RewardModel(gpt.GPT(config))
-    torch.nn.init.normal_(rm.head.weight, std=1.0 / reward.HEAD_SCALE)  # rewards of order 1: |h| ~ 1 per unit
-    return rm.eval()
-
-
-def alone(rm, prompt: list[int], response: list[int]) -> float:
-    """The reward of one sequence, computed without data.py or reward_inputs: the (scaled) head on the trunk's final
-    hidden state at the last token of prompt + response."""
-    tokens = torch.tensor([prompt + response])
-    with torch.no_grad():
-        return reward.HEAD_SCALE * rm.head(rm.gpt(tokens, hidden=True)[0, -1]).item()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -250,124 +224,3 @@ def test_accuracy_table_matches_a_hand_computation(tmp_path):
         assert r["mean_margin"] == pytest.approx(sum(margins) / n, abs=1e-4), (name, r["mean_margin"], margins)
         assert 0 < k < n, f"{name}: {k}/{n} right; the fixture should have both outcomes"
     assert f"| rm | `{tmp_path / 'rm'}` | 12 | {rows['rm']['accuracy']:.1%}" in (tmp_path / "accuracy.md").read_text()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Best of N
-
-
-def pool_row(scores: list[float], t: float = 1.0, prompt: str = "p") -> dict:
-    return {"sampler": "s", "scorer": "rm", "temperature": t, "seed": 0, "prompt": prompt, "chosen": "c",
-            "responses": [f"answer {i}" for i in range(len(scores))], "scores": scores}
-
-
-def test_best_of_k_picks_the_argmax_of_the_first_k_per_prompt_and_temperature():
-    """Catches picking the minimum, the best of the whole pool instead of its first k, one choice shared by all
-    prompts or temperatures, and k > N passing silently (it would judge best-of-N and call it best-of-k)."""
-    pool = [pool_row([0.1, 0.9, 0.3, 2.0], 0.5, "a"), pool_row([5.0, -1.0, 0.0, 1.0], 0.5, "b"),
-            pool_row([-3.0, -2.0, -1.0, -4.0], 1.0, "a")]
-    picks = {k: [x["response"] for x in sampling.best_of_k(pool, k)] for k in (1, 2, 3, 4)}
-    assert picks == {1: ["answer 0"] * 3, 2: ["answer 1", "answer 0", "answer 1"],
-                     3: ["answer 1", "answer 0", "answer 2"], 4: ["answer 3", "answer 0", "answer 2"]}, picks
-    assert [x["model"] for x in sampling.best_of_k(pool, 2)] == ["best_of_2"] * 3
-    with pytest.raises(ValueError, match="best of 5 asked of a pool holding 4"):
-        sampling.best_of_k(pool, 5)
-    assert sampling.best_of_ks(128, curve=True) == [1, 2, 4, 8, 16, 32, 64, 128]
-    assert sampling.best_of_ks(6, curve=True) == [1, 2, 4, 6] and sampling.best_of_ks(6, curve=False) == [6]
-
-
-@pytest.fixture
-def best_of_run(tmp_path):
-    """A tiny sampler (the `tiny` preset, random) and a random reward model of the same shape, on disk."""
-    torch.manual_seed(0)
-    gpt.save_model(gpt.GPT(TINY), tmp_path / "sft")
-    random_rm(TINY).save(tmp_path / "rm")
-    return tmp_path, SYNTHETIC + [f"--models=sft:{tmp_path / 'sft'}", "--best_of=4", f"--scorer={tmp_path / 'rm'}",
-                                  f"--out={tmp_path / 'eval'}"]
-
-
-def test_best_of_n_pool_scores_selection_results_and_figures(best_of_run):
-    """Catches N samples of one prompt that are all the same draw (cache rows not really sampled apart), scores
-    attached to the wrong answers (each is re-scored alone here), a judged answer that is not the pool's argmax,
-    best_of rows missing from the results, and the win-rate-vs-N figure or Figure 3's Best-of-N line not drawn."""
-    tmp_path, argv = best_of_run
-    rows = judge.main(argv + ["--best_of_curve=true"])
-    pool = common.read_jsonl(tmp_path / "eval" / "samples" / "best_of.jsonl")
-    assert len(pool) == 4 * 2 and all(len(r["responses"]) == len(r["scores"]) == 4 for r in pool)
-    assert all(len(set(r["responses"])) > 1 for r in pool), [r["responses"] for r in pool]
-    enc, rm = common.get_tokenizer(), reward.load_reward_model(tmp_path / "rm").eval()
-    for r in pool[:2]:
-        want = [alone(rm, enc.encode_ordinary(r["prompt"]), enc.encode_ordinary(x) + [gpt.EOT]) for x in r["responses"]]
-        assert r["scores"] == pytest.approx(want, abs=1e-4), (r["responses"], r["scores"], want)
-    judged = [j for j in common.read_jsonl(tmp_path / "eval" / "judgments.jsonl") if j["model"] == "best_of_4"]
-    assert len(judged) == 8
-    best = {(r["temperature"], r["prompt"]): r["responses"][max(range(4), key=r["scores"].__getitem__)] for r in pool}
-    samples = sampling.best_of_k(pool, 4)
-    assert all(x["response"] == best[(x["temperature"], x["prompt"])] for x in samples)
-    cells = {(r["model"], r["temperature"]) for r in rows}
-    assert cells == {(m, t) for m in ("sft", "best_of_1", "best_of_2", "best_of_4") for t in (0.5, 1.0)}, cells
-    plot.main([f"--out={tmp_path / 'eval'}", "--runs=", f"--sizes={tmp_path}/none"])
-    assert (tmp_path / "eval" / "best_of_n.png").stat().st_size > 1000
-    assert {r["model"] for r in plot.largest_best_of(rows)} == {"sft", "best_of_4"}
-
-
-def test_best_of_n_sampling_resumes_after_a_kill(best_of_run, monkeypatch):
-    """Catches a resumed Best-of-N run that samples everything again, loses or rewrites stored answers, or breaks
-    on the torn line a kill leaves mid-write (the next rows must not continue it); and a pool reused after its
-    sampler was retrained into the same directory."""
-    tmp_path, argv = best_of_run
-    argv = argv + ["--judge=none"]
-    judge.main(argv)
-    file = tmp_path / "eval" / "samples" / "best_of.jsonl"
-    whole = common.read_jsonl(file)
-    lines = file.read_text().splitlines(keepends=True)
-    file.write_text("".join(lines[:3]) + lines[3][:50])  # killed while writing the 4th row
-    generated = []
-    generate = gpt.GPT.generate
-    spy = lambda self, prompts, *a, **k: generated.extend(prompts) or generate(self, prompts, *a, **k)  # noqa: E731
-    monkeypatch.setattr(gpt.GPT, "generate", spy)
-    judge.main(argv)
-    again = common.read_jsonl(file)
-    assert len(generated) == 8 - 3, f"the resumed run sampled {len(generated)} prompts, 5 were missing"
-    assert again[:3] == whole[:3] and len(again) == 8, (len(again), "rows kept or added wrongly")
-    assert all(line.startswith("{") for line in file.read_text().splitlines()), "a torn line was continued"
-    gpt.save_model(gpt.GPT(TINY), tmp_path / "sft")  # the sampler retrained in place: its pool is stale
-    generated.clear()
-    judge.main(argv)
-    # 8 answers of the sft model itself (judge.py's stale-sample check) + the pool's 8 prompts
-    assert len(generated) == 8 + 8, f"after retraining the sampler {len(generated)} prompts were sampled, not 16"
-
-
-def test_bad_best_of_input_gives_clear_errors(best_of_run):
-    """Catches each bad input the issue lists running on silently or failing obscurely: a scorer that is no
-    reward model, an implicit scorer without a DPO checkpoint, N < 1, and a reward model built for another
-    tokenizer or context size (k > N is checked in the selection test)."""
-    tmp_path, argv = best_of_run
-    cases = [
-        ([f"--scorer={tmp_path / 'sft'}"], "is no reward model"),
-        ([f"--scorer={tmp_path / 'nothing'}"], "is no reward model"),
-        (["--scorer=implicit:"], "names no checkpoint"),
-        ([f"--scorer=implicit:{tmp_path / 'sft'}"], "is no DPO checkpoint"),
-        (["--best_of=0"], "at least 1"),
-        (["--best_of=-2"], "at least 1"),
-        ([f"--scorer={tmp_path / 'small_rm'}"], "another tokenizer or context size"),
-    ]
-    random_rm(SMALL).save(tmp_path / "small_rm")  # context 128, the sampler's is 256
-    for extra, message in cases:
-        with pytest.raises(ValueError, match=message):
-            judge.main(argv + ["--judge=none"] + extra)
-
-
-def test_compile_reaches_both_sampling_paths(best_of_run, monkeypatch):
-    """judge.py --compile=true must reach generate for the models' own answers and for the Best-of-N pool (catches
-    either call dropping it). The spy then generates eagerly: compiled generation itself is tested in test_engine."""
-    tmp_path, argv = best_of_run
-    seen, generate = [], fast_generate.generate
-
-    def spy(net, *args, compiled=False, **kwargs):
-        seen.append((kwargs.get("num_samples", 1), compiled))
-        return generate(net, *args, **kwargs)
-
-    monkeypatch.setattr(fast_generate, "generate", spy)
-    judge.main(argv + ["--compile=true", "--judge=none"])
-    assert {n for n, _ in seen} == {1, 4} and all(c for _, c in seen), seen

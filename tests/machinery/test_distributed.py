@@ -135,8 +135,8 @@ def test_two_processes_match_one(runs, script, mode):
 def test_fsdp_holds_a_world_th_of_the_state(runs):
     """Each FSDP rank must hold half of the parameters, gradients and optimizer state that a DDP rank holds (the
     logged, measured bytes of the real tensors): catches a block or the root left unsharded (wte is most of this
-    model), gradients or optimizer moments kept whole. bench/memory.py's state_per_rank's numbers, computed from the shapes
-    alone for the README's memory table, must equal the measured ones exactly for both modes."""
+    model), gradients or optimizer moments kept whole. The numbers of bench/memory.py's state_per_rank, computed from
+    the shapes alone for the README's memory table, must equal the measured ones exactly for both modes."""
     measured = {mode: records(runs("sft", mode), "memory")[0] for mode in ("ddp", "fsdp")}
     with torch.device("meta"):
         shapes = gpt.GPT(SMALL)
