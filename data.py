@@ -1,6 +1,7 @@
 """Preference data for DPO: Anthropic HH-RLHF (or an offline synthetic task), parsed, tokenized and batched.
 
-    python data.py --dataset=synthetic       # or --dataset=hh, --dataset=hh:helpful-base: summary + one decoded batch
+    python data.py --dataset=synthetic       # or hh, hh:helpful-base, shp, shp:askculinary: summary + one decoded batch
+    python data.py --dataset=pairs.jsonl     # your own pairs (or train.jsonl,test.jsonl): README, "Your own data"
 
 DPO (Rafailov et al., arXiv 2305.18290) learns from pairs (x, y_w, y_l): a prompt, a preferred ("chosen") and a
 dispreferred ("rejected") response. The paper's dialogue experiment (Sec. 6) uses Anthropic's HH-RLHF (Bai et al.,
@@ -21,15 +22,12 @@ GPT-2's BPE attaches a space to the word after it (" You" is one token), so the 
 response's first is " You": tokenizing prompt and response separately gives the tokens of the whole text, and the
 boundary between them is exact. Every response then gets an <|endoftext|> (EOT) so the model learns to stop.
 
-Reading order: download and parse HH (its quirks counted, one summary line), the synthetic task, tokenization with
-the reference code's truncation (eric-mitchell/direct-preference-optimization), batches (SFT and [chosen; rejected]).
-
-Machinery it leans on: common.py (the resumable download, a corrupt .gz fetched again, the .npz cache of the
-tokenized arrays) and batch_order.py (the length-grouped, resumable order of the batches, and the evaluation subset).
+Reading order: HH parsed (quirks counted), the synthetic task, your files and SHP as HH text, tokenization with the
+reference code's truncation (eric-mitchell/direct-preference-optimization), batches. Machinery: common.py (downloads,
+the .npz cache), preference_files.py (the hub's files; yours, checked line by line), tokenized_pairs.py.
 """
 
 import dataclasses
-import hashlib
 import json
 import random
 import re
@@ -40,12 +38,13 @@ import numpy as np
 import torch
 
 import model as gpt
-from machinery import batch_order, common
+from machinery import common, preference_files
+from machinery.preference_files import HH_SUBSETS, hh_file, hh_subsets  # HH's files on the hub
+from machinery.tokenized_pairs import PARTS, example, example_lengths, n_examples, pack, select_examples
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. HH-RLHF: download and parse
 
-HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 SPLITS = ("train", "test")
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 QUIRKS = {  # counter key -> what we do about it; the summary line prints every count, zeros included
@@ -57,19 +56,18 @@ QUIRKS = {  # counter key -> what we do about it; the summary line prints every 
 }
 
 
-def hh_subsets(subsets: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
-    """None -> all four; every name is checked before anything is downloaded."""
-    subsets = tuple(subsets or HH_SUBSETS)
-    for subset in subsets:
-        common.check_choice(subset, HH_SUBSETS, "HH subset")
-    return subsets
-
-
-def hh_file(subset: str, split: str) -> Path:
-    """One HH file in the cache, downloaded on first use (resumable, retried, atomic: see common.download)."""
-    common.check_choice(split, SPLITS, "split")
-    url = common.hf_url(f"datasets/Anthropic/hh-rlhf/resolve/main/{subset}/{split}.jsonl.gz")
-    return common.download(url, common.cache_dir() / "hh-rlhf" / subset / f"{split}.jsonl.gz")
+def split_conversation(chosen: str, rejected: str) -> dict | str:
+    """Two whole conversations -> {"prompt", "chosen", "rejected"}, split at their last Assistant turn; or the
+    QUIRKS key saying why they cannot be ("no_assistant", "prompt_mismatch")."""
+    cut_c, cut_r = chosen.rfind(ASSISTANT), rejected.rfind(ASSISTANT)
+    if cut_c < 0 or cut_r < 0:
+        return "no_assistant"
+    prompt = chosen[: cut_c + len(ASSISTANT)]
+    # The reference code slices the rejected text at len(prompt), trusting that both share the prompt. We split each
+    # at its own last Assistant turn and keep the pair if the prompts agree (a run-on response's last turn differs).
+    if rejected[: cut_r + len(ASSISTANT)] != prompt:
+        return "prompt_mismatch"
+    return {"prompt": prompt, "chosen": chosen[len(prompt):], "rejected": rejected[len(prompt):]}
 
 
 def parse_hh(text: str, source: str, counts: Counter) -> list[dict]:
@@ -88,18 +86,10 @@ def parse_hh(text: str, source: str, counts: Counter) -> list[dict]:
                              f"({type(e).__name__}: {e}). The file decompressed cleanly, so its content is wrong: "
                              f"check HF_ENDPOINT, or delete the file to download it again") from None
         counts["records"] += 1
-        cut_c, cut_r = chosen.rfind(ASSISTANT), rejected.rfind(ASSISTANT)
-        if cut_c < 0 or cut_r < 0:
-            counts["no_assistant"] += 1
+        if isinstance(pair := split_conversation(chosen, rejected), str):  # the quirk that makes it unusable
+            counts[pair] += 1
             continue
-        prompt = chosen[: cut_c + len(ASSISTANT)]
-        # The reference code slices the rejected text at len(prompt), trusting that both share the prompt. We split
-        # each text at its own last Assistant turn and keep the pair only if the prompts agree (so a response that
-        # runs on into a new Human/Assistant turn is dropped too: its own last Assistant turn is elsewhere).
-        if rejected[: cut_r + len(ASSISTANT)] != prompt:
-            counts["prompt_mismatch"] += 1
-            continue
-        chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+        prompt, chosen, rejected = pair["prompt"], pair["chosen"], pair["rejected"]
         if chosen.strip() == rejected.strip():
             counts["identical"] += 1
             continue
@@ -176,9 +166,7 @@ def behaviour_response(rng: random.Random, category: str) -> str:
 
 def synthetic_reward(prompt: str, response: str) -> float:
     """Ground truth: 2*(answer is "A <asked category> is <one of its items>.") + 1*(polite closing) - 0.5*(fillers).
-
-    Also scores model samples, which may be garbage: anything unparsable simply earns nothing.
-    """
+    Also scores model samples, which may be garbage: anything unparsable simply earns nothing."""
     asked = re.findall(r"\b(" + "|".join(CATEGORIES) + r")\b", prompt)
     answer = re.search(r"(\w+) is (\w+)\.", response)  # the first answer sentence counts
     right = bool(asked and answer and answer.group(1) == asked[-1] and answer.group(2) in CATEGORIES[asked[-1]])
@@ -207,30 +195,83 @@ def synthetic_pairs(split: str, n: int | None = None, seed: int = 0) -> list[dic
     return pairs
 
 
-def dataset_subsets(dataset: str) -> tuple[str, ...] | None:
-    """The HH subsets a dataset name reads: "hh" all four, "hh:a,b" a and b, "synthetic" none (None)."""
-    if dataset == "synthetic":
-        return None
-    if dataset == "hh" or dataset.startswith("hh:"):
-        return hh_subsets(dataset[3:].split(",") if dataset != "hh" else None)
-    raise ValueError(f"unknown dataset {dataset!r}: use 'synthetic', 'hh' or e.g. 'hh:helpful-base,harmless-base'")
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Your own preference files, and SHP: every source becomes HH text
+#
+# A .jsonl(.gz) file in one of three formats (TRL's names; preference_files.py tells which and checks every line
+# first) becomes section 1's HH text, so one conversation gives the same tokens in any format (README: examples):
+#   standard:        {"prompt": "Why is the sky blue?", "chosen": "Rayleigh scattering.", "rejected": "It isn't."}
+#   conversational:  the same keys holding lists of {"role": "system"|"user"|"assistant", "content": str} messages
+#   implicit:        {"chosen": "\n\nHuman: ...\n\nAssistant: ...", "rejected": ...}: whole conversations (or lists
+#                    of messages), split at the last Assistant turn as HH's lines are
+# A prompt in HH text (starting "\n\nHuman:") stays as it is, any other prompt string is one Human turn; every turn
+# and answer gets one leading space unless it has one. A system message becomes the first paragraph of the first
+# Human turn, "\n\nHuman: <system>\n\n<user>": HH has two speakers, and a "System:" turn or text before the first
+# "\n\nHuman:" would be a format the model never met, while instructions in the human's words are what HH holds.
+
+
+def turn(marker: str, text: str) -> str:
+    return marker + (text if text.startswith(" ") else " " + text)
+
+
+def render(messages: list[dict]) -> str:
+    """Checked messages (preference_files.check_messages) -> HH text; a system message opens the first Human turn."""
+    has_system = messages[0]["role"] == "system"
+    system = messages[0]["content"] + "\n\n" if has_system and messages[0]["content"].strip() else ""
+    return "".join(turn(HUMAN if m["role"] == "user" else ASSISTANT, (system if i == 0 else "") + m["content"])
+                   for i, m in enumerate(messages[has_system:]))
+
+
+def file_pair(kind: str, record: dict) -> dict:
+    """One line of a preference file, format `kind`, its messages checked -> {"prompt", "chosen", "rejected"}."""
+    if kind == "implicit":
+        pair = split_conversation(*(x if isinstance(x, str) else render(x) for x in (record["chosen"], record["rejected"])))
+        if isinstance(pair, str) or HUMAN in pair["chosen"] + pair["rejected"]:  # HUMAN: an answer that runs on
+            raise ValueError("chosen and rejected must be one conversation up to their last '\\n\\nAssistant:' and "
+                             "end with an assistant turn")  # preference_files.read_pairs adds the file and line
+        prompt, answers = pair["prompt"], (pair["chosen"], pair["rejected"])
+    elif kind == "conversational":
+        prompt, answers = render(record["prompt"]) + ASSISTANT, (record["chosen"][0]["content"], record["rejected"][0]["content"])
+    else:  # standard
+        prompt, answers = record["prompt"], (record["chosen"], record["rejected"])
+        if not prompt.startswith(HUMAN):
+            prompt = turn(HUMAN, prompt) + ASSISTANT
+        elif not prompt.endswith(ASSISTANT):
+            raise ValueError("the prompt is HH text but does not end with '\\n\\nAssistant:', the turn to answer")
+    return {"prompt": prompt, "chosen": turn("", answers[0]), "rejected": turn("", answers[1])}
+
+
+def dataset_source(dataset: str) -> tuple[str, tuple[str, ...]]:
+    """--dataset, checked before any download -> (kind: synthetic, hh, shp or file; subsets, subreddits or paths)"""
+    name, _, names = dataset.partition(":")
+    names = tuple(names.split(",")) if names else None
+    if name in ("hh", "shp") or dataset == "synthetic":
+        subsets = {"hh": hh_subsets, "shp": preference_files.shp_subreddits}.get(name, lambda _: ())
+        return name, subsets(names)
+    if files := preference_files.dataset_files(dataset):
+        return "file", files
+    raise ValueError(f"unknown dataset {dataset!r}: use synthetic, hh, hh:helpful-base,..., shp, shp:askculinary,..., "
+                     "a file pairs.jsonl (or .jsonl.gz), or two: train.jsonl,test.jsonl")
 
 
 def load_pairs(dataset: str, split: str) -> list[dict]:
-    subsets = dataset_subsets(dataset)
-    return synthetic_pairs(split) if subsets is None else load_hh(split, subsets)
+    common.check_choice(split, SPLITS, "split")
+    kind, names = dataset_source(dataset)
+    if kind == "file":  # one file: a seeded tenth of its prompts is the test split (printed)
+        return preference_files.load_file(names, split, file_pair)
+    if kind == "shp":  # a post is one Human turn, a comment an answer
+        return preference_files.load_shp(names, split, lambda post: turn(HUMAN, post) + ASSISTANT, lambda c: turn("", c))
+    return load_hh(split, names) if kind == "hh" else synthetic_pairs(split)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 3. Tokenization, truncation, and the on-disk cache
-
-PARTS = ("prompt", "chosen", "rejected")
+# 4. Tokenization, truncation, and the on-disk cache
 
 
 def tokenize_pairs(pairs: list[dict], max_length: int = 512, max_prompt_length: int = 256,
                    truncation: str = "truncate") -> dict[str, np.ndarray]:
     """Token ids of every pair, stored ragged: `{part}_ids` (all rows end to end, uint16) and `{part}_offsets`
-    (row i is ids[offsets[i]:offsets[i+1]]), for part in prompt, chosen, rejected. See `example`.
+    (row i is ids[offsets[i]:offsets[i+1]]), for part in PARTS (machinery/tokenized_pairs.py).
 
     Truncation as in the reference code: if prompt + the longer response exceeds max_length, keep the prompt's
     last max_prompt_length tokens (its end holds the turn being answered); if still too long, cut both responses
@@ -275,69 +316,29 @@ def tokenize_pairs(pairs: list[dict], max_length: int = 512, max_prompt_length: 
     return tok
 
 
-def pack(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Ragged rows -> (all ids end to end, offsets): row i is ids[offsets[i]:offsets[i+1]]."""
-    ids = np.concatenate(rows) if rows else np.zeros(0, dtype=np.uint16)
-    return ids, np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
-
-
 def tokenize_dataset(dataset: str, split: str, max_length: int = 512, max_prompt_length: int = 256,
                      truncation: str = "truncate") -> dict[str, np.ndarray]:
     """load_pairs + tokenize_pairs, cached as .npz: a second run loads the arrays in about a second."""
-    subsets = dataset_subsets(dataset)
-    files = [hh_file(subset, split) for subset in subsets] if subsets else []
-    key = {
-        "dataset": dataset, "split": split, "max_length": max_length, "max_prompt_length": max_prompt_length,
-        "truncation": truncation,
-        # the source itself: the files' content (a re-downloaded or edited file is new), or the generated pairs
-        "source": [common.content_id(f) for f in files] or hashlib.sha256(
-            json.dumps(load_pairs(dataset, split)).encode()).hexdigest(),
-        # so does this file: any edit (parser, synthetic task, truncation) gives new arrays, never stale ones
-        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
-    }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    name = re.sub(r"[^\w-]+", "_", dataset)  # "hh:helpful-base,harmless-base" -> "hh_helpful-base_harmless-base"
-    path = common.cache_dir() / "tokenized" / f"{name}-{split}-{digest}.npz"
+    # keyed by all the arrays depend on: settings, the source's content (or the generated pairs), the code
+    files = preference_files.source_files(*dataset_source(dataset), split)
+    source = [common.content_id(f) for f in files] or json.dumps(load_pairs(dataset, split))
+    path = preference_files.cache_path(dataset, split, [max_length, max_prompt_length, truncation], source,
+                                       code=[__file__, preference_files.__file__])
     return common.cached_arrays(path, lambda: tokenize_pairs(load_pairs(dataset, split), max_length,
                                                               max_prompt_length, truncation), f"{dataset} {split}")
 
 
-def n_examples(tok: dict) -> int:
-    return len(tok["prompt_offsets"]) - 1
-
-
-def example(tok: dict, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(prompt_ids, chosen_ids, rejected_ids) of pair i; each response ends with EOT unless truncation cut it."""
-    return tuple(tok[f"{part}_ids"][tok[f"{part}_offsets"][i]: tok[f"{part}_offsets"][i + 1]] for part in PARTS)
-
-
-def example_lengths(tok: dict, kind: str) -> np.ndarray:
-    """Tokens per example: "sft" = prompt + chosen, "pref" = prompt + the longer response (its padded length)."""
-    common.check_choice(kind, ("sft", "pref"), "length kind")
-    prompt, chosen, rejected = (np.diff(tok[f"{part}_offsets"]) for part in PARTS)
-    return prompt + (chosen if kind == "sft" else np.maximum(chosen, rejected))
-
-
-def select_examples(tok: dict, indices) -> dict[str, np.ndarray]:
-    """The pairs `indices` of a tokenized set (in that order), as a tokenized set of their own."""
-    sub = {"summary": tok["summary"]} if "summary" in tok else {}
-    for part in PARTS:
-        ids, offsets = tok[f"{part}_ids"], tok[f"{part}_offsets"]
-        sub[f"{part}_ids"], sub[f"{part}_offsets"] = pack([ids[offsets[i]: offsets[i + 1]] for i in indices])
-    return sub
-
-
 def one_per_prompt(tok: dict) -> np.ndarray:
     """Indices of one pair per distinct prompt: the last one, whose chosen response the reference code keeps as its
-    SFT target (it builds a dict by prompt and overwrites `sft_target` with each pair's chosen). Prompts are
-    compared as tokens after truncation, so two prompts that differ only before their last max_prompt_length
+    SFT target (it overwrites `sft_target` with each pair's chosen; SHP's best answer comes last, see load_shp).
+    Prompts are compared as tokens after truncation: two that differ only before their last max_prompt_length
     tokens count as one (rare)."""
     last = {example(tok, i)[0].tobytes(): i for i in range(n_examples(tok))}  # later pairs overwrite earlier ones
     return np.sort(np.fromiter(last.values(), dtype=np.int64))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. Batches
+# 5. Batches
 #
 # A model predicts token t+1 from tokens <= t, so inputs = seq[:-1] and targets = seq[1:], and the loss counts a
 # position when its TARGET is a response token (the prompt is given, not learned). Rows are right-padded with EOT;
@@ -397,7 +398,7 @@ def split_pairs(rows):
 class Settings:
     """Show a dataset: python data.py --dataset=synthetic"""
 
-    dataset: str = "synthetic"  # synthetic, hh, or hh:<subset>,<subset> (harmless-base, helpful-base, ...)
+    dataset: str = "synthetic"  # synthetic, hh, hh:<subset>,..., shp, shp:<subreddit>,..., pairs.jsonl[,test.jsonl]
     split: str = "train"  # train or test
     max_length: int = 512  # prompt + response tokens (the reference code's max_length)
     max_prompt_length: int = 256  # prompt tokens kept, from the end, when a pair is too long
@@ -409,10 +410,7 @@ if __name__ == "__main__":
     tok = tokenize_dataset(s.dataset, s.split, s.max_length, s.max_prompt_length)
     lengths = example_lengths(tok, "pref")
     print(f"pair lengths (prompt + longer response): median {np.median(lengths):.0f}, max {lengths.max()}")
-    for grouped in (False, True):
-        batches = batch_order.epoch_batches(lengths, 64, seed=0, epoch=0, group_by_length=grouped)
-        print(f"padding at batch size 64, group_by_length={grouped}: {batch_order.padding_fraction(lengths, batches):.1%}")
-    enc = common.get_tokenizer()
+    enc, s.batch_size = common.get_tokenizer(), min(s.batch_size, n_examples(tok))
     batch = preference_batch(tok, range(s.batch_size))
     for row, mask in enumerate(batch["loss_mask"]):
         first = int(mask.nonzero()[0])  # the first position whose target is a response token

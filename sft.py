@@ -50,14 +50,14 @@ class Settings:
     """Supervised fine-tuning (Preferred-FT): python sft.py --key=value ..."""
 
     # data
-    dataset: str = "hh"  # hh (all four HH-RLHF subsets), hh:helpful-base,harmless-base, or synthetic (the demo)
+    dataset: str = "hh"  # hh (all four HH subsets), hh:helpful-base,..., shp, shp:askculinary,..., synthetic (the demo), pairs.jsonl[,test.jsonl]
     max_length: int = 512  # prompt + response tokens, as in the DPO reference code
     max_prompt_length: int = 256  # a longer prompt keeps its last tokens
     truncation: str = "truncate"  # truncate over-long pairs (reference code) or drop them
     train_on: str = "chosen"  # chosen: loss on the chosen response (SFT); all: every token of both conversations
     n_eval: int = 256  # held-out test examples for periodic evaluation (a seeded random subset of the test split)
     group_by_length: bool = True  # batches of similar lengths (less padding); false: random, as the reference code
-    sft_targets: str = "every_pair"  # every_pair: every pair's chosen; one_per_prompt: one per prompt (reference)
+    sft_targets: str = "auto"  # every_pair: every pair's chosen; one_per_prompt: one per prompt (reference); auto: one_per_prompt on shp (a post's best answer), else every_pair
     # model
     model: str = "gpt2"  # gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny (random init), or a checkpoint directory
     grad_checkpoint: bool = False  # recompute activations in backward: fits gpt2-large/xl in less memory
@@ -300,8 +300,10 @@ def main(argv=None):
     if s.train_on not in ("chosen", "all"):
         raise SystemExit(f"--train_on must be chosen or all, got {s.train_on!r}")
     on, stage = ("response", "sft") if s.train_on == "chosen" else ("all", "pretrain")
-    if s.sft_targets not in ("every_pair", "one_per_prompt"):
-        raise SystemExit(f"--sft_targets must be every_pair or one_per_prompt, got {s.sft_targets!r}")
+    if s.sft_targets not in ("every_pair", "one_per_prompt", "auto"):
+        raise SystemExit(f"--sft_targets must be every_pair, one_per_prompt or auto, got {s.sft_targets!r}")
+    if s.sft_targets == "auto":  # SHP's loader puts each post's best-scored answer last, which one_per_prompt keeps
+        s.sft_targets = "one_per_prompt" if data.dataset_source(s.dataset)[0] == "shp" else "every_pair"
     if s.sft_targets == "one_per_prompt":  # the reference code's SFT set: one chosen response per prompt
         train_data = data.select_examples(train_data, data.one_per_prompt(train_data))
         print(f"--sft_targets=one_per_prompt: {data.n_examples(train_data)} training examples, one per prompt")

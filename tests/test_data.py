@@ -343,3 +343,144 @@ def test_reward_never_raises_on_garbage():
         assert data.synthetic_reward(garbage, garbage) <= 1.0
     assert data.synthetic_reward("", "") == 0.0
     assert data.synthetic_reward("no category here", " A fruit is apple.") == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Your own preference files (--dataset=pairs.jsonl): three formats, one HH text; errors that name the line
+
+SYSTEM, ASK, FOLLOW_UP = "Answer in one sentence.", "Why is the sky blue?", "And at sunset?"
+TURNS = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": ASK},
+         {"role": "assistant", "content": "Rayleigh scattering."}, {"role": "user", "content": FOLLOW_UP}]
+HH_PROMPT = f"{H} {SYSTEM}\n\n{ASK}{A} Rayleigh scattering.{H} {FOLLOW_UP}{A}"  # what a system message becomes
+CHOSEN, REJECTED = "Red light travels further through the air.", " It is not."  # one with its own leading space
+ONE_TURN = [{"role": "user", "content": "Name a fruit."}]
+
+
+def write_jsonl(path, records, raw: bytes = b""):
+    path.write_bytes("".join(json.dumps(r) + "\n" for r in records).encode() + raw)
+    return path
+
+
+def same_conversation(fmt: str) -> list[dict]:
+    """Two conversations (one with a system message and two user turns, one single-turn) in format `fmt`."""
+    if fmt == "standard":
+        return [{"prompt": HH_PROMPT, "chosen": CHOSEN, "rejected": REJECTED},
+                {"prompt": "Name a fruit.", "chosen": "Apple.", "rejected": "Rock."}]
+    if fmt == "conversational":
+        answer = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+        return [{"prompt": TURNS, "chosen": answer(CHOSEN), "rejected": answer(REJECTED)},
+                {"prompt": ONE_TURN, "chosen": answer("Apple."), "rejected": answer("Rock.")}]
+    if fmt == "implicit":
+        return [{"chosen": f"{HH_PROMPT} {CHOSEN}", "rejected": f"{HH_PROMPT}{REJECTED}"},
+                {"chosen": f"{H} Name a fruit.{A} Apple.", "rejected": f"{H} Name a fruit.{A} Rock."}]
+    whole = lambda text: TURNS + [{"role": "assistant", "content": text}]  # noqa: E731  (implicit, as messages)
+    return [{"chosen": whole(CHOSEN), "rejected": whole(REJECTED)},
+            {"chosen": ONE_TURN + [{"role": "assistant", "content": "Apple."}],
+             "rejected": ONE_TURN + [{"role": "assistant", "content": "Rock."}]}]
+
+
+def test_three_formats_give_the_same_hh_text_and_tokens(tmp_path, monkeypatch, capsys):
+    """Catches a format rendered differently from the others: a lost or doubled leading space on an answer, a system
+    message dropped or made into a turn of its own, a standard HH-text prompt wrapped in a second Human turn, a
+    conversational prompt without its closing Assistant marker, or a wrong format reported in the summary line."""
+    monkeypatch.setenv("DPO_CACHE", str(tmp_path / "cache"))
+    want = [{"prompt": HH_PROMPT, "chosen": " " + CHOSEN, "rejected": REJECTED},
+            {"prompt": f"{H} Name a fruit.{A}", "chosen": " Apple.", "rejected": " Rock."}]
+    tokens = []
+    for fmt in ("standard", "conversational", "implicit", "implicit-messages"):
+        path = write_jsonl(tmp_path / f"{fmt}.jsonl", same_conversation(fmt))
+        pairs = data.load_pairs(f"{path},{path}", "train")
+        assert pairs == want, f"{fmt}: {pairs}"
+        assert f"({fmt.split('-')[0]} format): 2 pairs from 2 lines" in capsys.readouterr().out
+        tok = data.tokenize_dataset(f"{path},{path}", "train")
+        tokens.append([np.concatenate(data.example(tok, i)).tolist() for i in range(data.n_examples(tok))])
+    assert all(t == tokens[0] for t in tokens), "the same conversation gave different tokens in different formats"
+
+
+@pytest.mark.parametrize("case", ["not_json", "missing_key", "role_order", "no_assistant_end", "prompt_ends_assistant",
+                                  "mixed_formats", "not_utf8", "no_usable_pairs"])
+def test_file_errors_name_the_file_and_the_line(tmp_path, case):
+    """Catches an error that does not say where (file and line) or what to do, for each way a file can be unusable;
+    and a file read only until its first pairs (the bad line is the last one, so only a whole-file check sees it)."""
+    good = {"prompt": "Name a fruit.", "chosen": "Apple.", "rejected": "Rock."}
+    bad = {
+        "not_json": ([good], b'{"prompt": "x", "chosen": "y",\n', "line 2: not JSON"),
+        "missing_key": ([good, {"prompt": "x", "chosen": "y"}], b"", "line 2: missing key 'rejected'"),
+        "role_order": ([{"prompt": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+                         "chosen": [{"role": "assistant", "content": "c"}],
+                         "rejected": [{"role": "assistant", "content": "d"}]}], b"", "line 1: role out of order"),
+        "no_assistant_end": ([{"chosen": ONE_TURN, "rejected": ONE_TURN}], b"",
+                             "line 1: 'chosen' does not end with an assistant turn"),
+        "prompt_ends_assistant": ([good] * 2 + [{"chosen": f"{H} Hi{A} Hey{H} Bye", "rejected": f"{H} Hi{A} Yo"}],
+                                  b"", "line 3: chosen and rejected must be one conversation"),
+        "mixed_formats": ([good, {"chosen": f"{H} Hi{A} Hey", "rejected": f"{H} Hi{A} Yo"}], b"",
+                          "line 2: implicit format, but line 1 is standard"),
+        "not_utf8": ([good], b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n',
+                     "line 2: byte 0xe9 at column 16 is not UTF-8"),
+        "no_usable_pairs": ([{"prompt": "x", "chosen": "", "rejected": "y"}, {"prompt": "x", "chosen": "same",
+                                                                             "rejected": "same"}], b"",
+                            "no usable pairs (2 lines, 1 with an empty answer, 1 with chosen == rejected)"),
+    }
+    if case == "prompt_ends_assistant":  # mixed formats are their own error: make every line implicit
+        bad[case] = ([{"chosen": f"{H} Hi{A} Hey", "rejected": f"{H} Hi{A} Yo"}] * 2 + bad[case][0][2:], *bad[case][1:])
+    records, raw, message = bad[case]
+    path = write_jsonl(tmp_path / "pairs.jsonl", records, raw)
+    with pytest.raises(ValueError) as error:
+        data.load_pairs(f"{path},{path}", "train")
+    text = str(error.value)
+    assert text.startswith(str(path)) and message in text, f"{case}: {text}"
+    fix = {"not_utf8": "save the file as UTF-8", "role_order": "user and assistant take turns",
+           "no_assistant_end": "end it with the assistant answer", "prompt_ends_assistant": "end with an assistant turn",
+           "mixed_formats": "use one format per file"}.get(case, "README, \"Your own data\"")
+    assert fix in text, f"{case}: the error does not say what to do ({fix!r}): {text}"
+
+
+def test_quirks_are_counted_and_skipped_and_over_long_pairs_dropped(tmp_path, monkeypatch, capsys):
+    """Catches an empty answer or chosen == rejected trained on (or stopping the run) instead of being counted in
+    the summary line, and --truncation=drop not counting the pairs it drops."""
+    monkeypatch.setenv("DPO_CACHE", str(tmp_path / "cache"))
+    records = [{"prompt": f"Q{i}?", "chosen": "Yes.", "rejected": "No."} for i in range(5)]
+    records += [{"prompt": "Q?", "chosen": "", "rejected": "No."}, {"prompt": "Q?", "chosen": "Same", "rejected": "Same"},
+                {"prompt": "Long?", "chosen": "word " * 80, "rejected": "No."}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    tok = data.tokenize_dataset(f"{path},{path}", "train", max_length=64, max_prompt_length=32, truncation="drop")
+    out = capsys.readouterr().out
+    assert "6 pairs from 8 lines; skipped 1 with an empty answer, 1 with chosen == rejected" in out, out
+    assert data.n_examples(tok) == 5 and "1 over-long pairs dropped" in out, out
+
+
+def test_one_file_holds_out_a_seeded_share_of_its_prompts(tmp_path, capsys):
+    """Catches a held-out split that shares prompts with training, changes between runs (train and test must be
+    drawn alike by sft.py, dpo.py and judge.py), is empty for a small file, or is not printed."""
+    records = [{"prompt": f"Question {i // 2}?", "chosen": f"Yes {i}.", "rejected": "No."} for i in range(40)]
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    train, test = data.load_pairs(str(path), "train"), data.load_pairs(str(path), "test")
+    assert "4 pairs (10% of the prompts, seed 0) held out as the test split, 36 to train on" in capsys.readouterr().out
+    assert len(test) == 4 and not {p["prompt"] for p in train} & {p["prompt"] for p in test}, test
+    assert sorted(map(json.dumps, train + test)) == sorted(map(json.dumps, data.load_pairs(f"{path},{path}", "train")))
+    assert data.load_pairs(str(path), "test") == test
+    tiny = write_jsonl(tmp_path / "tiny.jsonl", records[:4])  # two prompts: one of them is the test split
+    assert len(data.load_pairs(str(tiny), "test")) == 2 and len(data.load_pairs(str(tiny), "train")) == 2
+
+
+def test_tokenized_file_is_cached_by_content(tmp_path, monkeypatch, capsys):
+    """Catches a tokenization cache keyed by the file's name only: an edited file must be tokenized again, an
+    unchanged one loaded from the cache."""
+    monkeypatch.setenv("DPO_CACHE", str(tmp_path / "cache"))
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Q?", "chosen": "Yes.", "rejected": "No."}] * 3)
+    first = data.tokenize_dataset(f"{path},{path}", "train")
+    assert "loaded from" in (data.tokenize_dataset(f"{path},{path}", "train") and capsys.readouterr().out)
+    write_jsonl(path, [{"prompt": "Q?", "chosen": "Maybe.", "rejected": "No."}] * 3)
+    second = data.tokenize_dataset(f"{path},{path}", "train")
+    assert "loaded from" not in capsys.readouterr().out
+    assert not np.array_equal(first["chosen_ids"], second["chosen_ids"]), "an edited file gave the old tokens"
+
+
+def test_unknown_dataset_and_missing_file_are_clear(tmp_path):
+    """Catches a typo'd dataset name or a missing file failing later, deep in a download or a hash, unexplained."""
+    with pytest.raises(ValueError, match="unknown dataset 'hhh'.*pairs.jsonl"):
+        data.load_pairs("hhh", "train")
+    with pytest.raises(ValueError, match=f"no preference file at {tmp_path}/nope.jsonl"):
+        data.tokenize_dataset(str(tmp_path / "nope.jsonl"), "train")
+    with pytest.raises(ValueError, match="unknown SHP subreddit 'askcooking'"):
+        data.load_pairs("shp:askcooking", "train")
