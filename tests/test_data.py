@@ -484,3 +484,25 @@ def test_unknown_dataset_and_missing_file_are_clear(tmp_path):
         data.tokenize_dataset(str(tmp_path / "nope.jsonl"), "train")
     with pytest.raises(ValueError, match="unknown SHP subreddit 'askcooking'"):
         data.load_pairs("shp:askcooking", "train")
+
+
+def test_sft_on_shp_trains_on_each_posts_best_answer(file_server, monkeypatch, tmp_path):
+    """Catches SFT on SHP training on every pair's chosen comment (a post's mediocre answers too), or on another
+    answer than the post's highest-scored one, when --sft_targets is left at its default (auto)."""
+    import sft
+    from tests.machinery.test_preference_files import ROWS, shp_json
+
+    monkeypatch.setenv("DPO_CACHE", str(tmp_path / "cache"))
+    file_server.files["/datasets/stanfordnlp/SHP/resolve/main/askculinary/train.json"] = shp_json(ROWS)
+    pairs = data.load_pairs("shp:askculinary", "train")
+    assert all(p["prompt"].startswith(f"{H} ") and p["prompt"].endswith(A) and p["chosen"][0] == " " for p in pairs)
+    tok = data.tokenize_pairs(pairs, max_length=64, max_prompt_length=32)
+    monkeypatch.setattr(sft, "prepare", lambda cls, argv, stage: (common.parse_settings(cls, argv), None, tok, tok))
+    monkeypatch.setattr(sft, "load_policy", lambda s: None)
+    trained = {}
+    monkeypatch.setattr(sft, "train", lambda s, m, loss_fn, train_batch, *args: trained.update(batch=train_batch([0, 1])))
+    sft.main(["--dataset=shp:askculinary"])
+    enc = common.get_tokenizer()
+    answers = [enc.decode(row[mask].tolist()) for row, mask in zip(trained["batch"]["target_ids"],
+                                                                   trained["batch"]["loss_mask"])]
+    assert answers == [" c40<|endoftext|>", " starch<|endoftext|>"], f"SFT targets {answers}: want each post's best"
