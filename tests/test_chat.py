@@ -111,6 +111,29 @@ def test_a_long_conversation_drops_its_oldest_whole_turns(recorder):
     assert "(the message alone is over 56 tokens: the model reads its last 56)" in printed, printed
 
 
+def test_every_prompt_of_a_long_conversation_is_whole_turns(recorder):
+    """Each of the six prompts of a conversation that outgrows the 56 prompt tokens (256 context - 200 for the
+    answer) must be the longest run of the latest whole turns that fits, in HH's format, ending in the new message.
+    Oracle: those prompts built here from the messages and the recorder's answers, without chat.py. Catches a prompt
+    built from the whole history instead of the turns kept after truncation: then cut from the left, prompts 3 and
+    5 start mid-turn, while the last one (all the test above checks) comes out right."""
+    asked, _ = recorder
+    turns = [f"Question number {i}: can you name a fruit?" for i in range(6)]
+    run(["--models=dpo:tiny", "--max_new_tokens=200"], turns)
+    want = []
+    for i, message in enumerate(turns):
+        for first in range(i + 1):  # drop the oldest whole turns until the prompt fits
+            prompt = "".join(f"\n\nHuman: {q}\n\nAssistant: A fruit is apple." for q in turns[first:i])
+            prompt += f"\n\nHuman: {message}\n\nAssistant:"
+            if len(ENC.encode_ordinary(prompt)) <= 56:
+                break
+        want.append(prompt)
+    got = [prompt for _, prompt in asked]
+    wrong = [i + 1 for i, (a, b) in enumerate(zip(got, want)) if a != b]
+    assert len(got) == 6 and not wrong, f"prompts {wrong} differ:\n" + "\n".join(
+        f"{i}: got {got[i - 1]!r}\n   want {want[i - 1]!r}" for i in wrong)
+
+
 def test_answers_stream_and_stop_at_the_next_human_turn(monkeypatch):
     """The real generate, on a scripted network whose answer runs on into a new Human turn. Catches the stop string
     not applied (the next turn printed and kept in the history, or sampled on past it), streamed text that differs

@@ -186,6 +186,33 @@ def test_a_loss_given_a_knob_it_does_not_read_stops_with_a_clear_error():
     dpo.make_loss(settings(dpo.Settings, loss="cdpo", label_smoothing=0.1, beta=0.3))  # its own knobs: fine
 
 
+def test_a_tie_is_not_a_right_ranking():
+    """reward_accuracy counts a pair as ranked right only when its margin clears the tie tolerance (dpo.tie_tolerance:
+    the fp32 rounding of four summed log-probs, 1e-5 beta times their sizes); such a pair is a tie. Catches a tie
+    counted as a right ranking (`margin > 0` alone: at step 0, pi = pi_ref, the rounding leaves some margins a hair
+    above 0 and the logged accuracy would not start at 0), a tie counted as a wrong ranking too, a clear margin
+    taken for a tie, and a tolerance where no reference is (no rounding to allow for: only a margin of 0 ties)."""
+    s = settings(dpo.Settings)  # beta 0.1
+    reference_chosen = torch.tensor([-120.0, -80.0, -95.0, -60.0], dtype=torch.float64)
+    reference_rejected = torch.tensor([-130.0, -85.0, -90.0, -61.0], dtype=torch.float64)
+    # margins beta * [2e-5, 1, -1, 0]: within the tolerance (~5e-4 here), right, wrong, exactly 0
+    policy_chosen = reference_chosen + torch.tensor([2e-5, 1.0, -1.0, 0.0], dtype=torch.float64)
+    policy_rejected = reference_rejected.clone()
+    _, chosen_rewards, rejected_rewards = dpo.dpo_loss(policy_chosen, policy_rejected, reference_chosen,
+                                                       reference_rejected, beta=s.beta)
+    batch = {"reference_chosen_logps": reference_chosen, "reference_rejected_logps": reference_rejected}
+    metrics = dpo.reward_metrics(s, batch, policy_chosen, policy_rejected, chosen_rewards, rejected_rewards)
+    margins = (chosen_rewards - rejected_rewards).tolist()
+    got = (metrics["reward_accuracy"].tolist(), metrics["reward_ties"].tolist())
+    assert got == ([0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 1.0]), f"margins {margins}: (accuracy, ties) {got}"
+
+    chosen_rewards = torch.tensor([1e-9, -1e-9, 0.0], dtype=torch.float64)  # no reference (SimPO, ORPO, ...)
+    zeros = torch.zeros(3, dtype=torch.float64)
+    metrics = dpo.reward_metrics(s, {}, zeros - 5, zeros - 6, chosen_rewards, zeros)
+    got = (metrics["reward_accuracy"].tolist(), metrics["reward_ties"].tolist())
+    assert got == ([1.0, 0.0, 0.0], [0.0, 0.0, 1.0]), f"no reference, margins {chosen_rewards.tolist()}: {got}"
+
+
 def test_dpo_logs_ties_at_step_0_and_a_flat_reference_for_the_log_prob_panel(tmp_path, monkeypatch):
     """At step 0 pi = pi_ref and every implicit-reward margin is exactly 0: catches that logged as 0% accuracy with no
     tie count, reference log-probs not logged (or moving) for training.png's panel, and the panel not drawn."""

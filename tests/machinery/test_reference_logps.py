@@ -9,6 +9,7 @@ import torch
 
 import data
 import dpo
+import model as gpt
 from machinery import reference_logps
 from tests.helpers import FAST, LOG2, records, reference_table, settings, small_model
 
@@ -62,3 +63,23 @@ def test_dpo_precomputes_reference_logps_only_for_the_evaluated_rows(tmp_path, c
     assert sizes == {"train": 16, "test": 4}, f"reference log-probs computed for {sizes} pairs; want test: 4"
     loss = records(out, "eval")[0]["loss"]
     assert abs(loss - LOG2) <= 1e-5, f"step-0 eval loss {loss}, log 2 = {LOG2}: reference rows are not the eval rows"
+
+
+def test_a_retrained_reference_at_the_same_path_is_computed_again(tmp_path, cache, monkeypatch):
+    """dpo.py keys the reference table by the weights' content (model.weights_id), not by their path: after a
+    retrained SFT model is written into the same directory, the next DPO run must compute the table again. Catches a
+    key of the tokens and settings alone: DPO would train against the old model's log-probs, silently (here the
+    step-0 losses, train and eval, would not be log 2: the policy is the new model, the table the old one's)."""
+    monkeypatch.setattr(data, "load_pairs", lambda dataset, split: data.synthetic_pairs(split, n=8))
+    sft_model = tmp_path / "sft" / "final"
+    args = [f"--{k}={v}" for k, v in {**FAST, "batch_size": 4, "micro_batch_size": 4}.items()] + [
+        f"--model={sft_model}", "--dataset=synthetic", "--max_steps=1", "--n_eval=4", "--eval_every=1"]
+    for seed in (0, 1):  # the SFT model, then a retrained one written over it
+        gpt.save_model(small_model(seed), sft_model)
+        out = tmp_path / f"dpo-{seed}"
+        dpo.main(args + [f"--out={out}"])
+        losses = {split: records(out, split)[0]["loss"] for split in ("train", "eval")}
+        assert all(abs(loss - LOG2) <= 1e-5 for loss in losses.values()), \
+            f"SFT model {seed + 1} of 2 at {sft_model}: step-0 losses {losses}, log 2 = {LOG2}"
+    tables = sorted(p.name for p in (cache / "reference_logps").glob("*.npy"))
+    assert len(tables) == 4, f"reference tables {tables}: want train and test for each of the two models"
