@@ -80,6 +80,28 @@ def test_frontier_runs_each_method_and_reports_sft_and_best_of_n_exactly(tiny_de
     assert (out / "DPO_beta0.5" / "final" / "model.safetensors").stat().st_mtime_ns == stamp, "trained again"
 
 
+def test_best_of_n_picks_the_highest_scored_of_the_first_n_answers(monkeypatch):
+    """Best of N at N = k: per prompt, the true reward of the answer the reward model scores highest among the first k
+    of its --best_of answers. Scripted answers, scores and rewards (answer i has true reward i) against the picks
+    worked out by hand. Catches the pick taken over all --best_of answers instead of the first k (only the KL values
+    were checked before, never the pick), the lowest score picked, scores of another prompt's answers, and a true
+    reward read from another answer than the picked one."""
+    prompts = [[1], [2], [3]]
+    answers = [[100 + i] for i in range(12)]  # prompt j's answers are rows 4j ... 4j + 3
+    scores = [0.1, 0.9, 0.3, 2.0, 5.0, -1.0, 0.0, 1.0, -3.0, -2.0, -1.0, -4.0]
+    scored = []
+    monkeypatch.setattr(frontier, "sample", lambda net, prompts, s, device, num_samples=1: answers)
+    monkeypatch.setattr(reward, "load_scorer", lambda path, device: (None, gpt.PRESETS["tiny"]))
+    monkeypatch.setattr(reward, "score_responses", lambda score, p, a, *args: scored.append((p, a)) or scores)
+    monkeypatch.setattr(frontier, "true_rewards", lambda texts, a, enc: [float(x[0] - 100) for x in a])
+    rows = frontier.best_of_n(None, ["a", "b", "c"], prompts, frontier.Settings(best_of=4), "cpu", None)
+    assert scored == [([[1]] * 4 + [[2]] * 4 + [[3]] * 4, answers)], scored
+    picks = {"N=1": [0, 4, 8], "N=2": [1, 4, 9], "N=4": [3, 4, 10]}  # argmax of scores[4j : 4j + k]
+    got = {r["strength"]: r["reward"] for r in rows}
+    want = {k: float(np.mean(p)) for k, p in picks.items()}
+    assert got == pytest.approx(want), f"mean true reward of the picks: {got}, want {want} (answers {picks})"
+
+
 def test_the_frontier_refuses_a_dataset_without_a_true_reward(tmp_path):
     """Catches make frontier pointed at HH running for minutes and then failing (or scoring nothing): HH has no true
     reward to put on the y axis. And a missing demo directory must say to run make demo."""
