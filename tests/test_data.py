@@ -229,6 +229,22 @@ def test_tokenized_dataset_is_cached_by_source_and_settings(hub, monkeypatch):
     assert data.n_examples(data.tokenize_dataset("hh:helpful-base", "test", 64, 32)) == 2
 
 
+def test_the_tokenized_cache_key_covers_the_generated_pairs(monkeypatch, tmp_path):
+    """A dataset without source files (the synthetic task, or load_pairs replaced, as tests do) is keyed by its pairs
+    themselves. Catches a key without them: the arrays of 16 pairs cached by one run would be read by a run of 24
+    pairs, or of 16 other ones (`pytest tests/test_frontier.py tests/test_demo.py` failed so: the demo read the
+    frontier test's 16 pairs). Oracle: tokenize_pairs on each run's own pairs."""
+    monkeypatch.setenv("DPO_CACHE", str(tmp_path))
+    for n, seed in ((16, 0), (24, 0), (16, 1), (16, 0)):  # the last: the first run's pairs again
+        pairs = data.synthetic_pairs("train", n=n, seed=seed)
+        monkeypatch.setattr(data, "load_pairs", lambda dataset, split, pairs=pairs: pairs)
+        got = data.tokenize_dataset("synthetic", "train", max_length=64, max_prompt_length=32)
+        want = data.tokenize_pairs(pairs, max_length=64, max_prompt_length=32)
+        same = got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+        assert same, f"{n} pairs of seed {seed}: the cache gave {data.n_examples(got)} pairs, not these"
+    assert len(list((tmp_path / "tokenized").glob("*.npz"))) == 3
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Batches
 
@@ -506,3 +522,20 @@ def test_sft_on_shp_trains_on_each_posts_best_answer(file_server, monkeypatch, t
     answers = [enc.decode(row[mask].tolist()) for row, mask in zip(trained["batch"]["target_ids"],
                                                                    trained["batch"]["loss_mask"])]
     assert answers == [" c40<|endoftext|>", " starch<|endoftext|>"], f"SFT targets {answers}: want each post's best"
+
+
+def test_readme_example_files_give_the_same_pairs(tmp_path):
+    """Catches README's "Your own data" examples drifting from what data.py reads: each of its three ```jsonl
+    blocks must load, and all three must give the same pairs, with the system message where README says it goes."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```jsonl\n(.*?)```", readme.split("### Your own data", 1)[1], re.S)
+    assert len(blocks) == 3, f"README's 'Your own data' should show 3 example files, found {len(blocks)}"
+    loaded = []
+    for i, block in enumerate(blocks):
+        (tmp_path / f"{i}.jsonl").write_text(block)
+        loaded.append(data.load_pairs(f"{tmp_path / f'{i}.jsonl'},{tmp_path / f'{i}.jsonl'}", "train"))
+    assert loaded[0] == loaded[1] == loaded[2] and len(loaded[0]) == 3, loaded
+    assert loaded[0][1]["prompt"] == f"{H} Answer in one word.\n\nName a prime number.{A}", loaded[0][1]
