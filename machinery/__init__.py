@@ -14,4 +14,7 @@ in. Each module opens with what it speeds up or guards, measured, with the comma
     answer_store.py      the evaluation's answers and Best-of-N pool on disk, reused only for the same weights
     openai_client.py     the judge's API calls: key and endpoint, retries, concurrency, cost
     results_tables.py    results.md, samples.md, accuracy.md: the evaluation's numbers as tables
+    preference_files.py  the hub's data files (HH, SHP) and yours, checked whole: errors name the file and line
+    tokenized_pairs.py   the tokenized pairs' ragged arrays (ids end to end + offsets), saved without pickle
+    transformers_files.py  what makes a checkpoint open in transformers as it is (config keys, vocab, merges)
 """
