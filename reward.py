@@ -254,11 +254,11 @@ def main(argv=None):
     prepared = sft.prepare(Settings, argv, "reward model")
     if prepared is None:
         return
-    s, train_data, eval_data = prepared
+    s, run, train_data, eval_data = prepared
     rm = RewardModel(sft.load_policy(s))
     sft.train(s, rm, reward_loss, lambda ids: data.preference_batch(train_data, ids),
               lambda ids: data.preference_batch(eval_data, ids), data.n_examples(eval_data),
-              data.example_lengths(train_data, "pref"), stage="reward")
+              data.example_lengths(train_data, "pref"), stage="reward", run=run)
 
 
 if __name__ == "__main__":
