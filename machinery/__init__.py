@@ -10,6 +10,7 @@ in. Each module opens with what it speeds up or guards, measured, with the comma
     batch_order.py       length-grouped, seeded, resumable batches; the evaluation subset
     distributed.py       DDP, FSDP2, CPU offload: the processes of a torchrun job
     checkpoints.py       exact resume after kill -9 or Ctrl-C; atomic saves
+    model_bundle.py      several models trained together (PPO's policy and value) as one checkpoint
     reference_logps.py   DPO's reference log-probs, computed once and cached
     answer_store.py      the evaluation's answers and Best-of-N pool on disk, reused only for the same weights
     openai_client.py     the judge's API calls: key and endpoint, retries, concurrency, cost
