@@ -539,3 +539,28 @@ def test_readme_example_files_give_the_same_pairs(tmp_path):
         loaded.append(data.load_pairs(f"{tmp_path / f'{i}.jsonl'},{tmp_path / f'{i}.jsonl'}", "train"))
     assert loaded[0] == loaded[1] == loaded[2] and len(loaded[0]) == 3, loaded
     assert loaded[0][1]["prompt"] == f"{H} Answer in one word.\n\nName a prime number.{A}", loaded[0][1]
+
+
+def test_a_small_file_trains_every_stage(tmp_path, monkeypatch):
+    """Catches a stage that assumes HH or a batch of 64: a file of 30 pairs (3 held out), --batch_size=4 and the
+    default --n_eval (256, more than the test split holds) must train SFT, DPO and the reward model and save each,
+    in a directory transformers opens (config.json with model_type, the tokenizer's files)."""
+    import dpo
+    import reward
+    import sft
+
+    monkeypatch.setenv("DPO_CACHE", str(tmp_path / "cache"))
+    records = [{"prompt": f"Name fruit number {i}.", "chosen": f"Apple {i}.", "rejected": "No."} for i in range(30)]
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    run = [f"--dataset={path}", "--batch_size=4", "--micro_batch_size=4", "--max_steps=2", "--eval_every=2",
+           "--warmup_steps=1", "--dtype=float32", "--max_length=64", "--max_prompt_length=32", "--checkpoint_every=0"]
+    from tests.helpers import SMALL  # 2 layers of width 32: seconds on a CPU
+
+    gpt.save_model(gpt.GPT(SMALL), tmp_path / "base")
+    sft.main(run + [f"--model={tmp_path / 'base'}", f"--out={tmp_path / 'sft'}"])
+    dpo.main(run + [f"--model={tmp_path / 'sft' / 'final'}", f"--out={tmp_path / 'dpo'}"])
+    reward.main(run + [f"--model={tmp_path / 'sft' / 'final'}", f"--out={tmp_path / 'rm'}"])
+    for stage in ("sft", "dpo", "rm"):
+        final = tmp_path / stage / "final"
+        assert json.loads((final / "config.json").read_text())["model_type"] == "gpt2", stage
+        assert (final / "vocab.json").exists() and (final / "merges.txt").exists(), stage
