@@ -107,13 +107,20 @@ chat: ## talk to what you trained, several models side by side: make chat RUN_DI
 all: sft dpo reward eval figures ## the full GPU replication for MODEL, stage by stage
 
 bench: ## speed: ours vs transformers and TRL (pip install -e '.[bench]'), bf16 vs fp32, against measured limits (CPU: ~7 min)
-	$(PY) bench.py
+	$(PY) -m bench.train_step
+	$(PY) -m bench.generate
+	$(PY) -m bench.dpo_step
+	$(PY) -m bench.tokenization
+	$(PY) -m bench.padding
+	$(PY) -m bench.fp32_head
+	$(PY) -m bench.decode
+	$(PY) -m bench.dpo_vs_trl
 
 memory: ## per-GPU memory of each GPT-2 size with DDP, FSDP and FSDP + offload, computed (seconds)
-	$(PY) bench.py --memory=true
+	$(PY) -m bench.memory
 
 gpu-check: ## the CUDA paths in one PASS/FAIL line each, in < 5 min (bf16, SDPA, fused AdamW, compile, DDP, fp16, generate, bench)
-	$(PY) gpu_check.py
+	$(PY) -m bench.gpu_check
 
 clean: ## delete all runs (checkpoints, samples, judgments); the download cache stays
 	rm -rf runs

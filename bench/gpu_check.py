@@ -1,7 +1,7 @@
 """The CUDA paths, proven in a few minutes: one PASS / FAIL / SKIP line per check.
 
-    python gpu_check.py               # = make gpu-check: on a CUDA machine, ~1-3 min; exit status 1 if a check fails
-    python gpu_check.py --device=cpu  # the checks that also mean something on a CPU (the test suite runs this)
+    python -m bench.gpu_check               # = make gpu-check: on a CUDA machine, ~1-3 min; exit 1 if a check fails
+    python -m bench.gpu_check --device=cpu  # the checks that also mean something on a CPU (the test suite runs this)
 
 This project was written on CPU-only machines, so these are the paths nothing else exercises until a GPU is lent:
 
@@ -13,13 +13,14 @@ This project was written on CPU-only machines, so these are the paths nothing el
   6. fp16 + scaler    sft.py's loop in fp16 with its GradScaler: finite losses, unscaled gradient norms
   7. generation       the KV-cached generate(), plain and fast_generate.py's, == greedy decoding that recomputes everything
   8. vocabulary head  vocab_head.py's split-bf16 product: within 0.05 nat of fp64, faster than fp32; bf16 timed beside it
-  9. bench            bench.py's summary lines, from a short run
+  9. bench            the summary lines of short runs of make bench's quicker scripts (train_step ... fp32_head)
 
 Without CUDA (and no --device) every check prints SKIP and the exit status is 0.
 """
 
 import contextlib
 import dataclasses
+import importlib
 import io
 import json
 import math
@@ -35,18 +36,19 @@ import torch.nn.functional as F
 
 import model as gpt
 import sft
+from bench import timing
 from machinery import common, fast_generate, vocab_head
 
 
 @dataclasses.dataclass
 class Settings:
-    """CUDA self-check: python gpu_check.py [--device=cpu]"""
+    """CUDA self-check: python -m bench.gpu_check [--device=cpu]"""
 
     device: str = "auto"  # auto (cuda if present, else every check is skipped), cuda, or cpu
     ddp_worker: bool = False  # internal: set on the process torchrun starts for check 5
 
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository: torchrun starts `-m bench.gpu_check` from there
 CONFIG = gpt.GPTConfig(n_layer=2, n_head=4, n_embd=128, vocab_size=1024, block_size=128)  # small: seconds, not minutes
 
 
@@ -151,10 +153,10 @@ def check_compile(device) -> str:
 
 
 def check_ddp(device) -> str:
-    """Check 5, the launcher: run this file under torchrun with one process; ddp_worker() does the step."""
+    """Check 5, the launcher: run this module under torchrun with one process; ddp_worker() does the step."""
     if device.type == "cuda" and not torch.distributed.is_nccl_available():
         raise AssertionError("this torch build has no NCCL")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(ROOT / "gpu_check.py"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "bench.gpu_check",
            f"--device={device.type}", "--ddp_worker=true"]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
     lines = [line for line in run.stdout.splitlines() if line.startswith("ddp:")]
@@ -197,12 +199,10 @@ def check_fp16_scaler(device) -> str:
 
 
 def check_generation(device) -> str:
-    from bench import naive_generate
-
     model = new_model(device).eval()
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]  # different lengths: the left padding is part of the check
     got = model.generate(prompts, 12, temperature=0, eos_id=-1)
-    want = [naive_generate(model, torch.tensor([p], device=device), 12)[0].tolist() for p in prompts]
+    want = [timing.naive_generate(model, torch.tensor([p], device=device), 12)[0].tolist() for p in prompts]
     assert got == want, f"KV-cached {got} vs no cache {want}"
     fast = fast_generate.generate(model, prompts, 12, temperature=0, eos_id=-1)
     assert fast == want, f"fast_generate.generate {fast} vs no cache {want}"
@@ -241,14 +241,22 @@ def check_head(device) -> str:
 
 
 def check_bench(device) -> str:
-    # sections 1-5, 3 rounds each (CUDA, ~1 min); the peers of section 6 (TRL, ~2 min more) are for `make bench`
-    args = ["--steps=3"] if device.type == "cuda" else ["--model=tiny", "--batch=2", "--seq=32", "--steps=1",
-                                                        "--gen_batch=2", "--prompt_len=8", "--new_tokens=4", "--n_pairs=20"]
-    run = subprocess.run([sys.executable, "bench.py", f"--device={device.type}", "--peer=false", *args], cwd=ROOT,
-                         capture_output=True, text=True, timeout=240)
-    assert run.returncode == 0, f"bench.py exit {run.returncode}:\n{run.stdout[-1500:]}\n{run.stderr[-1500:]}"
-    summary = run.stdout.split("\nsummary: ", 1)[-1].splitlines()
-    return "\n      ".join(line.strip() for line in summary)
+    """make bench's quicker scripts, in this process, and their summary lines: on CUDA 3 rounds at the defaults (~1
+    min), on a CPU tiny shapes and one round. decode.py and dpo_vs_trl.py (gpt2 against transformers and TRL, ~2 min
+    more on CUDA) are left to make bench."""
+    cuda = device.type == "cuda"
+    model = [f"--device={device.type}"] + (["--steps=3"] if cuda else ["--model=tiny", "--batch=2", "--steps=1"])
+    seq = [] if cuda else ["--seq=32"]
+    runs = {"train_step": model + seq, "generate": model + ([] if cuda else ["--prompt_len=8", "--new_tokens=4"]),
+            "dpo_step": model + seq, "tokenization": ["--steps=3"] if cuda else ["--n_pairs=20", "--steps=1"],
+            "padding": [], "fp32_head": model + seq}
+    lines = []
+    for script, args in runs.items():
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            importlib.import_module(f"bench.{script}").main(args)
+        lines += out.getvalue().split("\nsummary:\n", 1)[1].splitlines()[:-1]  # the last line says how long it took
+    return "\n      ".join(line.strip() for line in lines)
 
 
 CHECKS = {"bf16 autocast": check_bf16, "SDPA kernel": check_sdpa, "fused AdamW": check_fused_adamw,
@@ -260,7 +268,7 @@ def main() -> int:
     s = common.parse_settings(Settings)
     if s.device == "auto" and not torch.cuda.is_available():
         for name in CHECKS:
-            print(f"SKIP  {name}: no CUDA device (python gpu_check.py --device=cpu runs the CPU-meaningful ones)")
+            print(f"SKIP  {name}: no CUDA device (python -m bench.gpu_check --device=cpu runs the CPU-meaningful ones)")
         return 0
     device = torch.device("cuda" if s.device == "auto" else s.device)
     if s.ddp_worker:

@@ -3,8 +3,8 @@
     python data.py --dataset=hh      # prints the padding of random and of length-grouped batches
 
 What it speeds up, and how much: a random batch pads every row to its longest; grouping similar lengths cut the
-padding of HH-like batches of 64 from 55% to 2%, 2.2x fewer tokens computed per epoch (`python bench.py`, section
-5; README "Speed"). What it guards: the order is a pure function of (seed, epoch), so a resumed run, or one with
+padding of HH-like batches of 64 from 55% to 2%, 2.2x fewer tokens computed per epoch (`python -m bench.padding`;
+README "Speed"). What it guards: the order is a pure function of (seed, epoch), so a resumed run, or one with
 another number of processes, trains on exactly the same batches (tests/test_data.py).
 """
 

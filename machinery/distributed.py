@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node=4 sft.py ...                 # DDP: a whole copy of the model per GPU
     torchrun --standalone --nproc_per_node=4 sft.py --fsdp=true ...     # FSDP2: each GPU holds 1/4 of the state
-    python bench.py --memory=true                                       # per-GPU memory of each mode, computed
+    python -m bench.memory                                              # per-GPU memory of each mode, computed
 
 What it buys: DDP splits each batch over the processes and averages gradients in backward; FSDP2 (Zhao et al.
 2023, arXiv:2304.11277) also splits the 12 bytes per parameter of weights, gradients and optimizer state, so the
@@ -181,7 +181,7 @@ def local_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def state_bytes(model, optimizer) -> dict[str, int]:
     """Bytes of parameters, gradients and optimizer state that THIS process holds: an FSDP DTensor counts its local
-    shard only. Not counted: DDP's gradient buckets, autocast's bf16 weight copies, activations (see bench.py)."""
+    shard only. Not counted: DDP's gradient buckets, autocast's bf16 weight copies, activations (see bench/memory.py)."""
 
     def nbytes(tensors) -> int:
         local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]

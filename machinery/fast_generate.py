@@ -1,6 +1,6 @@
 """Fast sampling: the tokens of model.GPT.generate, sooner. judge.py samples through `generate` here.
 
-    python bench.py --peer_only=true       # section 8 times the decode step: ours vs transformers.generate
+    python -m bench.decode                 # times the decode step: ours vs model.generate and transformers.generate
 
 What it speeds up, and by how much (gpt2, 8 prompts x 64 tokens, 64 new tokens, 2-core Zen 5 CPU, one run of the
 command above; README "Speed"): the decode step takes 23.4 ms in bf16 and 33.9 ms in fp32 through here, 57.5 and

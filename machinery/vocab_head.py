@@ -1,7 +1,7 @@
 """The vocabulary head for training: exact log-probs of the response tokens, in bounded memory, at bf16 speed on GPUs.
 
     python -m machinery.vocab_head   # the error table below, measured
-    python bench.py --head=true      # peak memory of a gpt2 DPO step, plain vs chunked head; the head's GPU share
+    python -m bench.head_memory      # peak memory of a gpt2 DPO step, plain vs chunked head; the head's GPU share
 
 Every log-prob that DPO, SFT and the scorers use is log pi(y_t | ...) = z[y_t] - logsumexp(z), with z = h W^T the
 logits of one response position: h (C,) the final hidden state, W (V, C) the head (tied to the embeddings).
@@ -79,7 +79,8 @@ def has_out_dtype(device: torch.device) -> bool:
 
 def project(h: torch.Tensor, w, split: bool) -> torch.Tensor:
     """Logits z = h W^T, (n, V) fp32: w is W in fp32, or its bf16 parts with split=True. Computed as (W h^T)^T, a
-    transposed view: the CPU matmul runs that orientation ~1.4x faster than h W^T at these shapes (bench.py --head)."""
+    transposed view: the CPU matmul runs that orientation ~1.4x faster than h W^T at these shapes
+    (python -m bench.head_memory)."""
     return split_product(h, w, cuda_mm) if split else (w @ h.float().t()).t()
 
 

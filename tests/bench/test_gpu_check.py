@@ -1,25 +1,28 @@
-"""gpu_check.py, the CUDA self-check: it must run everywhere (CI has no GPU), and its checks must be able to fail.
+"""bench/gpu_check.py, the CUDA self-check: it must run everywhere (CI has no GPU), and its checks must be able to fail.
 
 On a CPU the checks that mean something there run for real (`--device=cpu`): bf16 autocast vs fp32, the fused
 SDPA kernel, fused vs for-loop AdamW, a 1-process torchrun DDP step (gloo), fp16 + GradScaler through sft.py,
-cached vs uncached generation, and a short bench.py. On the first GPU the same code runs on CUDA.
+cached vs uncached generation, and short runs of make bench's quicker scripts. On the first GPU the same code runs
+on CUDA.
 """
 
 import subprocess
 import sys
 from pathlib import Path
 
-import gpu_check
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench import gpu_check
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine gpu_check.py runs every check")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine gpu_check runs every check")
 def test_without_cuda_every_check_skips_and_exits_0():
     """Catches a script that crashes or fails without CUDA, which would make `make gpu-check` useless in CI."""
-    run = subprocess.run([sys.executable, "gpu_check.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-m", "bench.gpu_check"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     lines = run.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == [f"SKIP  {name}" for name in gpu_check.CHECKS], lines
@@ -27,9 +30,9 @@ def test_without_cuda_every_check_skips_and_exits_0():
 
 def test_cpu_checks_pass():
     """Every check that can run on a CPU passes there: catches a broken check (a wrong tolerance, a torchrun command
-    that does not start, a bench.py flag that no longer exists) before a GPU is lent to find it."""
-    run = subprocess.run([sys.executable, "gpu_check.py", "--device=cpu"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
+    that does not start, a flag of a bench/ script that no longer exists) before a GPU is lent to find it."""
+    run = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device=cpu"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
     status = {line.split("  ")[1].split(" (")[0]: line.split("  ")[0] for line in run.stdout.splitlines()
               if line.startswith(("PASS", "FAIL", "SKIP"))}
     cuda_only = {"torch.compile", "vocabulary head"}
