@@ -68,9 +68,10 @@ demo: demo-models ## the whole pipeline offline on a CPU: tiny GPT, synthetic ta
 	$(PY) plot.py --out=$(DEMO)/eval --runs=$(DEMO)/sft,$(DEMO)/dpo
 
 # The paper's Figure 2 (left) on the demo task: mean true reward vs KL(pi || pi_SFT) of DPO at five beta, IPO, cDPO,
-# SimPO, ORPO (from the base model: it does its own SFT) and unlikelihood at two strengths each, and Best of N.
+# SimPO, ORPO (from the base model: it does its own SFT) and unlikelihood at two strengths each, and Best of N; and
+# what DPO replaces (ppo.py): PPO at three beta_KL, PPO-GT (true reward) at two, online DPO at two beta, same prompts.
 FRONTIER_ARGS ?=#                   appended to the frontier.py command, e.g. FRONTIER_ARGS=--steps=30
-frontier: demo-models ## reward vs KL frontier on the demo task, every loss of dpo.py and Best of N (~10 min): $(DEMO)/frontier
+frontier: demo-models ## reward vs KL frontier on the demo task: every loss of dpo.py, PPO, PPO-GT, online DPO, Best of N: $(DEMO)/frontier
 	$(PY) frontier.py --demo=$(DEMO) "--train=$(DEMO_TRAIN) --lr=3e-4" $(FRONTIER_ARGS)
 
 data: ## download Anthropic HH-RLHF (~40 MB) and tokenize it

@@ -1,6 +1,6 @@
 """What beta buys: the reward-KL frontier of the DPO paper's Figure 2 (left), offline, on the demo's task.
 
-    make frontier                                   # after make demo (it reuses base, SFT and reward models): ~10 min
+    make frontier                                   # after make demo (it reuses base, SFT and reward models)
     python frontier.py --demo=runs/demo --steps=60  # the same by hand; --help for the rest
 
 Rafailov et al. 2023, arXiv:2305.18290, Sec. 6.1 and Fig. 2: RLHF maximises E[r(x, y)] - beta KL(pi || pi_ref)
@@ -16,7 +16,9 @@ numbers on held-out prompts, one answer each, sampled at temperature 1:
             pi_SFT can show a small negative estimate.
 
 Points: SFT at KL 0; DPO at five beta; IPO, cDPO, SimPO, ORPO and unlikelihood at two strengths each, trained by
-dpo.py with the demo's settings (ORPO from the base model: it does its own SFT, and has no reference); Best of N
+dpo.py with the demo's settings (ORPO from the base model: it does its own SFT, and has no reference); what DPO
+replaces, trained by ppo.py from the SFT model: PPO against the reward model at three beta_KL, PPO-GT against the
+true reward at two, and online DPO at two beta, all on the same prompts (--ppo_iterations x its batch); Best of N
 for N = 1, 2, 4, ..., 64 SFT answers, the one the reward model scores highest, at KL = log N - (N - 1) / N, the
 standard analytic value for best-of-N (Stiennon et al. 2020, arXiv:2009.01325; an upper bound: Beirami et al.
 2024, arXiv:2401.01879). Outputs in --out: frontier.jsonl, frontier.md, frontier.png, and each run's log.
@@ -40,6 +42,7 @@ import torch
 import data
 import dpo
 import model as gpt
+import ppo
 import reward
 import sampling
 import sft
@@ -55,6 +58,8 @@ class Settings:
     dataset: str = "synthetic"  # the frontier needs a true reward: only the synthetic task has one
     train: str = "--dtype=float32 --dataset=synthetic --optimizer=adamw --batch_size=32 --micro_batch_size=32 --lr=3e-4 --warmup_steps=10"  # dpo.py flags of every run (the demo's)
     steps: int = 60  # optimizer steps per trained policy (ORPO, which also does SFT's job, twice as many)
+    ppo: str = "--dtype=float32 --dataset=synthetic --batch_size=32 --minibatch_size=16 --epochs=2 --lr=3e-4 --max_new_tokens=40"  # ppo.py flags of every PPO, PPO-GT and online DPO run
+    ppo_iterations: int = 20  # iterations of each ppo.py run: every one sees the same iterations x batch_size prompts
     n: int = 200  # held-out prompts, one answer each per policy
     best_of: int = 64  # the largest N of Best of N (answers per prompt from the SFT model)
     max_new_tokens: int = 40  # longest answer
@@ -70,13 +75,28 @@ METHODS = {
     "SimPO": [f"--loss=simpo --beta={b}" for b in (1.0, 2.5)],
     "ORPO": [f"--loss=orpo --orpo_lambda={lam} --lr=1e-3" for lam in (1.0, 0.1)],
     "unlikelihood": [f"--loss=unlikelihood --unlikelihood_alpha={a}" for a in (1.0, 0.1)],
+    # ppo.py: RLHF against the reward model, against the true reward (PPO-GT), and online DPO
+    "PPO": [f"--kl_coef={k}" for k in (0.01, 0.05, 0.2)],
+    "PPO-GT": [f"--reward=groundtruth --kl_coef={k}" for k in (0.01, 0.05)],
+    "online DPO": [f"--algo=online_dpo --beta={b}" for b in (0.1, 0.5)],
 }
+RL_METHODS = ("PPO", "PPO-GT", "online DPO")  # trained by ppo.py, the rest by dpo.py
 
 
 def train(method: str, flags: str, s: Settings, out: Path) -> Path:
-    """One policy trained by dpo.py (skipped when its final/ exists), its output in <run>.log; returns final/."""
-    name = f"{method}_{flags.replace('--', '').replace(' ', '_').replace('=', '')}"
+    """One policy trained by dpo.py or ppo.py (skipped when its final/ exists), its output in <run>.log; returns
+    final/. ppo.py's runs start from the SFT model, score with the demo's reward model (PPO-GT: the true reward)
+    and initialise their value model from it."""
+    name = f"{method.replace(' ', '_')}_{flags.replace('--', '').replace(' ', '_').replace('=', '')}"
     run = out / name
+    if method in RL_METHODS:
+        argv = shlex.split(s.ppo) + shlex.split(flags) + [
+            f"--model={Path(s.demo) / 'sft' / 'final'}", f"--reward_model={Path(s.demo) / 'reward' / 'final'}",
+            f"--out={run}", f"--iterations={s.ppo_iterations}", "--checkpoint_every=0", f"--seed={s.seed}"]
+        run.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{run}.log", "a") as log, contextlib.redirect_stdout(log):
+            ppo.main(argv)
+        return run / "final"
     start = "base" if method == "ORPO" else "sft"  # ORPO starts from the base model: it does its own SFT
     steps = 2 * s.steps if method == "ORPO" else s.steps
     argv = shlex.split(s.train) + shlex.split(flags) + [
@@ -153,7 +173,8 @@ def plot(rows: list[dict], path: Path) -> None:
     for method in dict.fromkeys(r["method"] for r in rows):
         pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["kl"])
         ax.errorbar([r["kl"] for r in pts], [r["reward"] for r in pts], xerr=[r["kl_ci"] for r in pts],
-                    yerr=[r["reward_ci"] for r in pts], marker="o" if len(pts) > 1 else "s", capsize=2, label=method)
+                    yerr=[r["reward_ci"] for r in pts], marker="^" if method in RL_METHODS else "o" if len(pts) > 1 else "s",
+                    linestyle="--" if method in RL_METHODS else "-", capsize=2, label=method)  # ppo.py's dashed
     ax.set_xscale("symlog", linthresh=1.0)  # linear below 1 nat, logarithmic above: a collapsed run sits at ~50
     ax.set(xlabel="KL(π ‖ π_SFT), nats (estimated from the samples; Best of N: log N - (N-1)/N)",
            ylabel="mean true reward (95% CI)", title="Reward vs KL on the demo task (DPO paper, Figure 2 left)")

@@ -109,3 +109,24 @@ def test_the_frontier_refuses_a_dataset_without_a_true_reward(tmp_path):
         frontier.main(["--dataset=hh"])
     with pytest.raises(SystemExit, match="run make demo first"):
         frontier.main([f"--demo={tmp_path / 'nothing'}"])
+
+
+def test_the_rl_methods_train_through_ppo_py_on_the_same_prompts(tiny_demo, monkeypatch):
+    """PPO, PPO-GT and online DPO points come from ppo.py. Catches them trained by dpo.py (or from the base model),
+    PPO run without the demo's reward model, PPO-GT scored by the reward model, and runs of unequal length: each
+    must see --ppo_iterations x batch_size prompts."""
+    monkeypatch.setattr(frontier, "METHODS", {"PPO": ["--kl_coef=0.05"], "PPO-GT": ["--reward=groundtruth --kl_coef=0.05"],
+                                              "online DPO": ["--algo=online_dpo --beta=0.5"]})
+    argv = [f"--demo={tiny_demo / 'demo'}", "--n=4", "--best_of=2", "--max_new_tokens=4", "--ppo_iterations=1",
+            "--ppo=--dtype=float32 --dataset=synthetic --batch_size=4 --minibatch_size=4 --epochs=1 --max_new_tokens=4 "
+            "--device=cpu --max_prompt_length=32", "--device=cpu"]
+    rows = frontier.main(argv)
+    assert {(r["method"], r["strength"]) for r in rows} >= {("PPO", "kl_coef=0.05"), ("PPO-GT", "kl_coef=0.05"),
+                                                             ("online DPO", "beta=0.5")}, rows
+    out = tiny_demo / "demo" / "frontier"
+    for run, algo, score in (("PPO_kl_coef0.05", "ppo", "model"), ("PPO-GT_rewardgroundtruth_kl_coef0.05", "ppo", "groundtruth"),
+                             ("online_DPO_algoonline_dpo_beta0.5", "online_dpo", "model")):
+        settings = json.loads((out / run / "final" / "config.json").read_text())["meta"]["settings"]
+        assert (settings["algo"], settings["reward"]) == (algo, score), settings
+        assert settings["model"].endswith("sft/final") and settings["reward_model"].endswith("reward/final")
+        assert settings["iterations"] * settings["batch_size"] == 4, settings
