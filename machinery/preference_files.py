@@ -111,10 +111,11 @@ def check_messages(messages: list, key: str, ends_with: str, answer: bool = Fals
                          + ("the user's turn to be answered" if ends_with == "user" else "the assistant answer rated"))
 
 
-def read_pairs(path: Path, to_pair) -> tuple[list[dict], Counter]:
+def read_pairs(path: Path, to_pair) -> tuple[list[dict], Counter, str]:
     """Every line of `path` -> {"prompt", "chosen", "rejected"} through to_pair(format, record), which renders the
     HH text (data.py) and raises ValueError for a line it cannot use. The whole file is read and checked first: an
-    error names its line; a pair with an empty answer, or chosen == rejected, is counted and skipped."""
+    error names its line; a pair with an empty answer, or chosen == rejected, is counted and skipped.
+    -> (pairs, counts, the file's format)."""
     pairs, counts, first_format = [], Counter(), None
     for line_no, line in enumerate(file_text(path).split("\n"), start=1):  # not splitlines(): JSON may hold U+2028
         if not line.strip():
@@ -145,11 +146,10 @@ def read_pairs(path: Path, to_pair) -> tuple[list[dict], Counter]:
             counts["identical"] += 1
         else:
             pairs.append(pair)
-    counts[f"format: {first_format[0] if first_format else 'none'}"] = 1
     if not pairs:
         raise PreferenceFileError(f"{path}: no usable pairs ({counts['lines']} lines, {counts['empty']} with an empty "
                                   f"answer, {counts['identical']} with chosen == rejected); {HELP}")
-    return pairs, counts
+    return pairs, counts, first_format[0]
 
 
 HELD_OUT, HELD_OUT_SEED = 0.1, 0  # one file given: this share of its prompts (seeded; at least one) is its test split
@@ -159,8 +159,7 @@ def load_file(files: tuple[str, ...], split: str, to_pair) -> list[dict]:
     """--dataset=train.jsonl,test.jsonl: the split's file, read whole (read_pairs), one summary line. One file,
     --dataset=pairs.jsonl: HELD_OUT of its prompts are the test split, the rest train (held_out), printed."""
     path = files[("train", "test").index(split)] if len(files) == 2 else files[0]
-    pairs, counts = read_pairs(Path(path), to_pair)
-    kind = next(key for key in counts if key.startswith("format: "))[8:]
+    pairs, counts, kind = read_pairs(Path(path), to_pair)
     print(f"{path} ({kind} format): {len(pairs)} pairs from {counts['lines']} lines; skipped {counts['empty']} with an "
           f"empty answer, {counts['identical']} with chosen == rejected")
     if len(files) == 2:
