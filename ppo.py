@@ -37,8 +37,7 @@ Reading order: settings; the pure pieces (score, shaping, GAE, whitening, the tw
 its equation; the models; one iteration (rollout, score, reference, update) for each algorithm; `main`, the loop.
 A run directory holds config.json, metrics.jsonl (one line per iteration), latest/ (resume: policy, value/ and the
 optimizer, through machinery/checkpoints.py) and final/ (the policy alone, a plain GPT-2 that judge.py, chat.py
-and plot.py load).
-"""
+and plot.py load)."""
 
 import dataclasses
 import json
@@ -84,8 +83,7 @@ class Settings:
     vf_coef: float = 0.1  # weight of the value loss beside the policy loss
     epochs: int = 4  # K: passes over each iteration's rollouts (both algorithms)
     minibatch_size: int = 16  # rollouts (online_dpo: pairs) per optimizer step
-    # online DPO
-    beta: float = 0.1  # DPO's beta against the SFT reference (Eq. 7)
+    beta: float = 0.1  # online_dpo: DPO's beta against the SFT reference (Eq. 7)
     # optimisation
     optimizer: str = "adamw"  # AdamW (the only one; checkpoints.py records it)
     lr: float = 1e-6  # policy and value learning rate (Huang et al.: 3e-6 for 1B-2.8B models)
@@ -250,15 +248,15 @@ def ppo_update(s: Settings, trained, reference, optimizer, batch, scores, device
     sums = {}
     for _ in range(s.epochs):
         for rows in torch.randperm(len(scores), generator=generator).split(s.minibatch_size):
-            mb = {k: v[rows.to(device)] for k, v in batch.items()}
             r = rows.to(device)
+            mb = {k: v[r] for k, v in batch.items()}
             with common.autocast(device, dtype):
                 logps, values = logps_of(trained.policy, mb), values_of(trained.value, mb)
             pg, clip_frac, approx_kl = policy_loss(logps, old_logps[r], advantages[r], mask[r], s.clip)
             vf, vf_clip_frac = value_loss(values, old_values[r], returns[r], mask[r], s.value_clip)
             step(s, trained, optimizer, pg + s.vf_coef * vf)
-            for k, v in dict(pg_loss=pg, vf_loss=vf, clip_frac=clip_frac, approx_kl=approx_kl,
-                             vf_clip_frac=vf_clip_frac, value_error=masked_mean((values - returns[r]) ** 2, mask[r])).items():
+            for k, v in dict(pg_loss=pg, vf_loss=vf, clip_frac=clip_frac, approx_kl=approx_kl, vf_clip_frac=vf_clip_frac,
+                             value_error=masked_mean((values - returns[r]) ** 2, mask[r])).items():
                 sums[k] = sums.get(k, 0.0) + v.item() / (s.epochs * len(range(0, len(scores), s.minibatch_size)))
     return sums | {"kl": kl.sum(1).mean().item(), "entropy": -masked_mean(old_logps, mask).item(),
                    "kl_penalty": (s.kl_coef * kl.sum(1)).mean().item()}
@@ -329,9 +327,8 @@ def main(argv=None):
     tok = data.tokenize_dataset(s.dataset, "train", max_length=s.max_prompt_length + s.max_new_tokens + 1,
                                 max_prompt_length=s.max_prompt_length)
     prompts = list(dict.fromkeys(tuple(data.example(tok, i)[0].tolist()) for i in range(data.n_examples(tok))))
-    enc = common.get_tokenizer()
+    enc, settings = common.get_tokenizer(), common.settings_dict(s)
     optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=s.lr)
-    settings = common.settings_dict(s)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(settings, indent=2))
     it = checkpoints.resume(out, trained, optimizer, True) if s.resume else 0
@@ -349,7 +346,7 @@ def main(argv=None):
             t0 = time.time()
             answers, ended, batch = rollout(s, trained.policy, texts, batch_prompts, samples, device, dtype,
                                             torch.Generator(device).manual_seed(s.seed * 1_000_003 + it))
-            times["rollout"], t0 = time.time() - t0, time.time()
+            times["rollout"], t0 = time.time() - t0, time.time()  # then: the score of each answer, penalty included
             raw = score([texts[j // samples] for j in range(len(answers))],
                         [batch_prompts[j // samples] for j in range(len(answers))], answers)
             scores = scores_with_penalty(raw.float(), ended, s.missing_eot_penalty)
