@@ -2,7 +2,7 @@
 
     python judge.py ...       # a second run with the same settings samples nothing and sends no request
 
-What it guards (tests/test_judge.py and tests/test_reward.py check each): answers, the Best-of-N pool and verdicts
+What it guards (tests/machinery/test_answer_store.py, tests/test_sampling.py and tests/test_judge.py check each): answers, the Best-of-N pool and verdicts
 are appended as they come, so a killed run loses at most one batch and resumes where it stopped (a torn last line
 is cut off: common.append_jsonl). Stored answers are reused only when the same weights made them, told by
 model.weights_id (the content hash of model.safetensors, not its path, nor its mtime: retraining into the same run

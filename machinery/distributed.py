@@ -9,7 +9,7 @@ What it buys: DDP splits each batch over the processes and averages gradients in
 state per GPU is 12/world bytes per parameter; --offload puts it in CPU memory. `make memory` computes it
 (README "Memory per GPU"; gpt2-xl at the DPO defaults: 39.9 GB per GPU with DDP, 2.6 GB on one GPU with FSDP +
 offload + --grad_checkpoint), and a 2-process run measured the computed state exactly (115.74 vs 57.87 MiB).
-What it guards, each checked by tests/test_train.py on CPU with gloo and 2 processes: 2 processes train like one,
+What it guards, each checked by tests/machinery/test_distributed.py on CPU with gloo and 2 processes: 2 processes train like one,
 FSDP holds a world-th of the state, and checkpoints move between DDP, FSDP and any number of processes.
 """
 
