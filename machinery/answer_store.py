@@ -2,12 +2,13 @@
 
     python judge.py ...       # a second run with the same settings samples nothing and sends no request
 
-What it guards (tests/machinery/test_answer_store.py, tests/test_sampling.py and tests/test_judge.py check each): answers, the Best-of-N pool and verdicts
-are appended as they come, so a killed run loses at most one batch and resumes where it stopped (a torn last line
-is cut off: common.append_jsonl). Stored answers are reused only when the same weights made them, told by
-model.weights_id (the content hash of model.safetensors, not its path, nor its mtime: retraining into the same run
-directory must not bring back the old model's answers), and the same generation settings; anything else is sampled
-again, with a one-line reason. A verdict is reused only for the byte-identical request (judge.py's judgment keys).
+What it guards (tests/machinery/test_answer_store.py, tests/test_sampling.py and tests/test_judge.py check each):
+answers, the Best-of-N pool and verdicts are appended as they come, so a killed run loses at most one batch and
+resumes where it stopped (a torn last line is cut off: common.append_jsonl). Stored answers are reused only when the
+same weights made them, told by model.weights_id (the content hash of model.safetensors, not its path, nor its
+mtime: retraining into the same run directory must not bring back the old model's answers), and the same generation
+settings; anything else is sampled again, with a one-line reason. A verdict is reused only for the byte-identical
+request (judge.py's judgment keys).
 """
 
 import json

@@ -2,11 +2,12 @@
 
     python sft.py --out=runs/x ...    # killed, then the same command again: "resumed from runs/x/latest at step N"
 
-What it guards (tests/machinery/test_checkpoints.py: resume is bit for bit, under one process, DDP and FSDP, with another number
-of processes, after Ctrl-C): latest/ holds the weights, the optimizer state and the RNG, without pickle (safetensors
-+ JSON); it is written to a temporary directory and swapped in, so a kill never leaves a broken latest/, and a kill
-mid-swap leaves latest.old whole. Sharded weights are gathered whole, so DDP, FSDP and one process write the same
-files. final/ and step_N/ hold the model alone, in the hub layout model.load_model (and transformers) read.
+What it guards (tests/machinery/test_checkpoints.py: resume is bit for bit, under one process, DDP and FSDP, with
+another number of processes, after Ctrl-C): latest/ holds the weights, the optimizer state and the RNG, without
+pickle (safetensors + JSON); it is written to a temporary directory and swapped in, so a kill never leaves a broken
+latest/, and a kill mid-swap leaves latest.old whole. Sharded weights are gathered whole, so DDP, FSDP and one
+process write the same files. final/ and step_N/ hold the model alone, in the hub layout model.load_model (and
+transformers) read.
 """
 
 import contextlib

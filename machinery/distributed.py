@@ -4,12 +4,12 @@
     torchrun --standalone --nproc_per_node=4 sft.py --fsdp=true ...     # FSDP2: each GPU holds 1/4 of the state
     python -m bench.memory                                              # per-GPU memory of each mode, computed
 
-What it buys: DDP splits each batch over the processes and averages gradients in backward; FSDP2 (Zhao et al.
-2023, arXiv:2304.11277) also splits the 12 bytes per parameter of weights, gradients and optimizer state, so the
-state per GPU is 12/world bytes per parameter; --offload puts it in CPU memory. `make memory` computes it
-(README "Memory per GPU"; gpt2-xl at the DPO defaults: 39.9 GB per GPU with DDP, 2.6 GB on one GPU with FSDP +
-offload + --grad_checkpoint), and a 2-process run measured the computed state exactly (115.74 vs 57.87 MiB).
-What it guards, each checked by tests/machinery/test_distributed.py on CPU with gloo and 2 processes: 2 processes train like one,
+What it buys: DDP splits each batch over the processes and averages gradients in backward; FSDP2 (Zhao et al. 2023,
+arXiv:2304.11277) also splits the 12 bytes per parameter of weights, gradients and optimizer state, so the state per
+GPU is 12/world bytes per parameter; --offload puts it in CPU memory. `make memory` computes it (README "Memory per
+GPU"; gpt2-xl at the DPO defaults: 39.9 GB per GPU with DDP, 2.6 GB on one GPU with FSDP + offload +
+--grad_checkpoint), and a 2-process run measured the computed state exactly (115.74 vs 57.87 MiB). What it guards,
+each checked by tests/machinery/test_distributed.py on CPU with gloo and 2 processes: 2 processes train like one,
 FSDP holds a world-th of the state, and checkpoints move between DDP, FSDP and any number of processes.
 """
 

@@ -3,11 +3,12 @@ stop, the bill.
 
     python judge.py ...      # every LLM verdict goes through ask_all, post_with_retries and run_all here
 
-What it guards, measured against a loopback server that misbehaves on purpose (tests/machinery/test_openai_client.py): a 429 with
-Retry-After, a 5xx, a timeout, a truncated JSON body and an unparseable verdict each cost one retry and lose no
-verdict; a rejected key stops every thread after at most --concurrency requests, with the key never printed;
-Ctrl-C or a fatal error wakes the threads that wait to retry and drops the queue. judge.py shows the request itself
-(chat_completion) and keeps what is answered in judgments.jsonl, so a re-run pays for nothing twice.
+What it guards, measured against a loopback server that misbehaves on purpose
+(tests/machinery/test_openai_client.py): a 429 with Retry-After, a 5xx, a timeout, a truncated JSON body and an
+unparseable verdict each cost one retry and lose no verdict; a rejected key stops every thread after at most
+--concurrency requests, with the key never printed; Ctrl-C or a fatal error wakes the threads that wait to retry and
+drops the queue. judge.py shows the request itself (chat_completion) and keeps what is answered in judgments.jsonl,
+so a re-run pays for nothing twice.
 """
 
 import concurrent.futures

@@ -3,8 +3,9 @@
     python judge.py ...       # writes them into --out beside results.jsonl; plot.py draws the figures
 
 Plain formatting, kept out of judge.py so that the lesson there (the judge's prompt, the REST call, the verdict, the
-Wilson interval, the length-controlled win rate) reads without it. Nothing here computes a number that is not
-also in results.jsonl or accuracy.jsonl; tests/machinery/test_results_tables.py reads the tables back against the judgments.
+Wilson interval, the length-controlled win rate) reads without it. Nothing here computes a number that is not also
+in results.jsonl or accuracy.jsonl; tests/machinery/test_results_tables.py reads the tables back against the
+judgments.
 """
 
 import json

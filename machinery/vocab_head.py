@@ -33,9 +33,9 @@ bytes = 206 MB, whatever N is; the price is one more head product for every chun
 On a CPU, where memory is plentiful and an fp32 product is the step's largest cost, up to 1 GiB of logits is kept
 (all of them for the demo and for 4 pairs x 512 tokens): bounded still, and no slower than the plain way.
 
-Tests (tests/machinery/test_vocab_head.py): log-probs and gradients equal the plain unchunked fp32 computation, for chunk sizes that
-do and do not divide N; the split product, emulated on CPU, stays within 0.05 nat per sequence where bf16 does not.
-On a GPU, `make gpu-check` times the three products and measures the split one's error there.
+Tests (tests/machinery/test_vocab_head.py): log-probs and gradients equal the plain unchunked fp32 computation, for
+chunk sizes that do and do not divide N; the split product, emulated on CPU, stays within 0.05 nat per sequence
+where bf16 does not. On a GPU, `make gpu-check` times the three products and measures the split one's error there.
 """
 
 import functools
