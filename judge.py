@@ -54,7 +54,7 @@ class Settings:
 
     models: str = "base:gpt2,sft:runs/gpt2/sft/final,dpo:runs/gpt2/dpo/final"  # name:path; base is 2-shot prompted
     dpo_steps: str = ""  # a DPO run dir: also evaluate each of its step_* checkpoints (Figure 3 right)
-    dataset: str = "hh"  # prompts: single-turn dialogues of this dataset's test split ("synthetic": offline demo)
+    dataset: str = "hh"  # prompts: single-turn dialogues of this dataset's test split (hh, shp, a file; "synthetic": offline demo)
     n: int = 0  # number of evaluation prompts, a fixed seeded subset (0 = all)
     out: str = "runs/gpt2/eval"  # output dir: samples/, judgments.jsonl, results.jsonl, results.md
     temperatures: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # sampling temperatures (Figure 3's x axis)
@@ -335,13 +335,15 @@ def preference_accuracy(s: Settings, out: Path) -> list[str]:
     written to out/accuracy.md and out/accuracy.jsonl (the cache: a row is reused while its checkpoint is unchanged)."""
     device, dtype, _ = common.pick_device(s.device, s.dtype)
     tok = data.tokenize_dataset(s.dataset, "test")  # as training tokenizes it (max_length 512, prompt 256)
+    # the test pairs themselves key the cache too: an edited file under the same name is scored again
+    pairs_id = hashlib.sha256(b"".join(tok[f"{p}_ids"].tobytes() for p in data.PARTS)).hexdigest()[:16]
     cached = {r["key"]: r for r in common.read_jsonl(out / "accuracy.jsonl")}
     rows = []
     for item in filter(None, s.accuracy.split(",")):
         name, _, spec = item.partition(":")
         if not name or not spec:
             raise ValueError(f"--accuracy takes name:scorer pairs separated by commas, got {item!r}")
-        key = json.dumps([spec, reward.scorer_id(spec), s.dataset, s.accuracy_n])
+        key = json.dumps([spec, reward.scorer_id(spec), s.dataset, pairs_id, s.accuracy_n])
         if key not in cached:
             score, _ = reward.load_scorer(spec, device)
             margins = reward.pair_margins(score, tok, s.accuracy_n, device, dtype, s.batch_size)

@@ -564,3 +564,39 @@ def test_a_small_file_trains_every_stage(tmp_path, monkeypatch):
         final = tmp_path / stage / "final"
         assert json.loads((final / "config.json").read_text())["model_type"] == "gpt2", stage
         assert (final / "vocab.json").exists() and (final / "merges.txt").exists(), stage
+
+
+def test_judge_compares_a_files_answers_with_its_chosen(tmp_path, monkeypatch, fake_openai):
+    """Catches judge.py on --dataset=pairs.jsonl judging other prompts than the file's held-out ones, or against
+    other answers than their chosen ones; and the accuracy table's cache keyed by the file's name alone (an edited
+    file must be scored again, not served the old file's accuracy)."""
+    import judge
+    import reward
+    from tests.helpers import SMALL
+
+    monkeypatch.setenv("DPO_CACHE", str(tmp_path / "cache"))
+    records = [{"prompt": f"Name fruit number {i}.", "chosen": f"Apple {i}.", "rejected": "No."} for i in range(20)]
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    gpt.save_model(gpt.GPT(SMALL), tmp_path / "m")
+    args = [f"--dataset={path}", f"--models=sft:{tmp_path / 'm'}", "--max_new_tokens=4", "--temperatures=1.0",
+            "--device=cpu", "--dtype=float32", f"--out={tmp_path / 'eval'}"]
+    judge.main(args + ["--judge=openai"])
+    test = data.load_pairs(str(path), "test")
+    judged = {j["prompt"] for j in common.read_jsonl(tmp_path / "eval" / "judgments.jsonl")}
+    assert judged == {p["prompt"] for p in test}, f"judged {judged}, the file's test prompts {test}"
+    sent = [r["body"]["messages"][0]["content"] for r in fake_openai.log]  # the judge's prompt holds both answers
+    for p in test:
+        query = p["prompt"].removeprefix("\n\nHuman: ").removesuffix("\n\nAssistant:")
+        asks = [c for c in sent if query in c]
+        assert len(asks) == 1 and p["chosen"].strip() in asks[0], f"{query!r}: not judged against {p['chosen']!r}"
+
+    scored = []  # the pairs each accuracy run scores (no model: the scorer is stubbed)
+    monkeypatch.setattr(reward, "load_scorer", lambda spec, device: (None, None))
+    monkeypatch.setattr(reward, "pair_margins", lambda score, tok, n, *a: scored.append(n) or [1.0] * data.n_examples(tok))
+    accuracy = args + ["--judge=none", f"--accuracy=sft:{tmp_path / 'm'}"]
+    judge.main(accuracy)
+    judge.main(accuracy)
+    assert len(scored) == 1, "an unchanged file's accuracy is computed again instead of reused"
+    write_jsonl(path, [{**r, "chosen": r["chosen"].replace("Apple", "Pear")} for r in records])  # same name, new pairs
+    judge.main(accuracy)
+    assert len(scored) == 2, "the accuracy of the file before its edit was reused"
