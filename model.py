@@ -168,8 +168,8 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> logits (B, T, V) for every position, or (N, V) for the N positions where the
         bool mask `select` (B, T) is True: the vocabulary projection is the largest matmul of a small GPT-2 (and its
         (B, T, 50257) output the largest tensor), so training computes it only where a loss needs it. Or, given
-        targets (N,), log pi(target) at those positions, (N,) fp32, exactly and in bounded memory (vocab_head.py); or with
-        hidden=True, the final hidden states (after ln_f), on which a reward model puts its own head.
+        targets (N,), log pi(target) at those positions, (N,) fp32, exactly and in bounded memory (vocab_head.py);
+        or with hidden=True, the final hidden states (after ln_f), on which a reward model puts its own head.
         Training passes idx, select and targets (right-padded batches need no mask: causal attention never looks
         right). Generation passes a KV cache (its first `cache.pos` positions filled, this call's T tokens next) and
         attention_mask (B, S), True at the real tokens of the left-padded rows among the S positions attended."""

@@ -96,7 +96,8 @@ def token_logps(model, batch):
     batch: input_ids (B, T); target_ids (B, T), the inputs shifted left by one; loss_mask (B, T), True where the
     target is a response token. The head projects in fp32 (or as exactly, in split bf16 on a GPU) even under bf16
     autocast, since casting bf16 logits afterwards would not undo their rounding (~0.1 nat per token at GPT-2's
-    logit sizes); it computes only these N positions, and never holds all N rows of logits at once (machinery/vocab_head.py)."""
+    logit sizes); it computes only these N positions, and never holds all N rows of logits at once
+    (machinery/vocab_head.py)."""
     mask = batch["loss_mask"]
     return model(batch["input_ids"], select=mask, targets=batch["target_ids"][mask])  # (N,)
 

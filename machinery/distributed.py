@@ -81,7 +81,8 @@ def rank_zero_first(run: Run):
 
 
 def shard(model, s, device, dtype, block_type):
-    """FSDP2 in place: each block (a module of `block_type`, model.Block) is one unit of sharding, the root (embeddings, ln_f, the head tied to wte) another.
+    """FSDP2 in place: each block (a module of `block_type`, model.Block) is one unit of sharding, the root
+    (embeddings, ln_f, the head tied to wte) another.
 
     Every rank keeps 1/world of each weight (dim 0 cut into world chunks, as torch.chunk does). A unit's weights are
     all-gathered just before its forward and again before its backward, and freed after each: only a block or two

@@ -14,8 +14,9 @@ command above; README "Speed"): the decode step takes 23.4 ms in bf16 and 33.9 m
      change, on CUDA replayed as one CUDA graph instead of ~300 kernel launches per token. On CPU it is slower than
      (1) and only tested; its GPU speed is for `make gpu-check` to measure.
 
-Every path gives the plain generate's tokens (tests/machinery/test_fast_generate.py). This file uses private PyTorch APIs on purpose
-(torch.ops.mkldnn for the packed matmul, torch._dynamo for static addresses): that is why it is not model.py.
+Every path gives the plain generate's tokens (tests/machinery/test_fast_generate.py). This file uses private
+PyTorch APIs on purpose (torch.ops.mkldnn for the packed matmul, torch._dynamo for static addresses): that is why it
+is not model.py.
 """
 
 import contextlib

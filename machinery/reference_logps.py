@@ -26,8 +26,9 @@ def precompute(s, run, reference, weights_id: str, tok: dict, split: str, batch_
 
     s: dpo.Settings; run: distributed.Run; weights_id: model.weights_id of the reference; tok: the tokenized pairs
     (data.py's ragged arrays, hashed for the key); batch_fn(ids) -> a [chosen; rejected] batch of those pairs;
-    logps_fn(model, batch) -> the summed response log-probs of its chosen and of its rejected rows, (B,) each. With several processes each computes every world-th
-    pair and an all_reduce of the zero-filled rest assembles the whole table."""
+    logps_fn(model, batch) -> the summed response log-probs of its chosen and of its rejected rows, (B,) each.
+    With several processes each computes every world-th pair and an all_reduce of the zero-filled rest assembles the
+    whole table."""
     device = run.device
     tokens = hashlib.sha256()
     for name in sorted(k for k in tok if k.endswith(("_ids", "_offsets"))):
